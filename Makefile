@@ -1,0 +1,34 @@
+# The two commands of the README: `make train` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kiln-installed
+NPROC ?= 2
+CONFIG ?= configs/tiny.yaml
+
+.PHONY: train test install dry-run bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Reinstall only when the dependency list changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/kiln train $(CONFIG) --nproc-per-node $(NPROC) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+dry-run: $(STAMP)
+	$(VENV)/bin/kiln train configs/llama3-8b.yaml --dry-run --world-size 64
+
+bench: $(STAMP)
+	$(PY) bench/step_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

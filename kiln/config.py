@@ -1,0 +1,413 @@
+"""The typed run config: YAML loading, dotted command-line overrides, validation.
+
+A run is one YAML file in ``configs/``. Every section is a dataclass that validates itself in
+``__post_init__``; checks that need two sections live in :class:`RunConfig`, and checks that
+need the world size live in :mod:`kiln.parallel.layout`. An unknown key is an error that names
+the key and the nearest valid one, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kiln.errors import KilnConfigError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise KilnConfigError(message)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
+
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int | None = None
+    """Key/value heads (grouped-query attention); None means one per query head."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner width; None takes Llama's rule: 8/3 × hidden, rounded up to a multiple of 256."""
+    vocab_size: int | None = None
+    """Vocabulary size; None takes the tokenizer's. Padded up for TP (see make_vocab_divisible_by)."""
+    make_vocab_divisible_by: int = 128
+    """The embedding table is padded to a multiple of this × tp, as Megatron does."""
+    seq_len: int = 128
+    """Training sequence length (tokens per sample)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_len", "make_vocab_divisible_by"):
+            _check(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"model.hidden_size({self.hidden_size}) is not divisible by "
+            f"model.num_attention_heads({self.num_attention_heads}): "
+            f"{self.hidden_size} / {self.num_attention_heads} = {self.hidden_size / self.num_attention_heads:g}",
+        )
+        groups = self.query_groups
+        _check(
+            groups > 0 and self.num_attention_heads % groups == 0,
+            f"model.num_attention_heads({self.num_attention_heads}) is not divisible by "
+            f"model.num_query_groups({groups})",
+        )
+        _check(self.head_dim % 2 == 0, f"RoPE needs an even head dimension, got hidden/heads = {self.head_dim}")
+        if self.vocab_size is not None:
+            _check(self.vocab_size > 0, f"model.vocab_size must be positive, got {self.vocab_size}")
+        if self.ffn_hidden_size is not None:
+            _check(self.ffn_hidden_size > 0, f"model.ffn_hidden_size must be positive, got {self.ffn_hidden_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return -(-int(8 * self.hidden_size / 3) // 256) * 256
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """How the world is split: world = dp × pp × cp × tp (tp innermost, dp outermost)."""
+
+    tp: int = 1
+    """Tensor-parallel size (megatron-core column/row-parallel layers)."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    dp: int | None = None
+    """Data-parallel size; None derives it: world / (tp × pp × cp)."""
+    cp: int = 1
+    """Context-parallel size (the sequence split over ranks inside attention)."""
+    virtual_pp: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
+    sequence_parallel: bool = False
+    """Shard norm and dropout activations over the TP group (needs tp > 1)."""
+    engine: Literal["megatron"] = "megatron"
+    """Training engine: megatron-core DDP and optimizer."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.dp is None or self.dp >= 1, f"parallel.dp must be >= 1 (or omitted), got {self.dp}")
+        if self.virtual_pp is not None:
+            _check(self.virtual_pp >= 1, f"parallel.virtual_pp must be >= 1, got {self.virtual_pp}")
+            _check(
+                self.virtual_pp == 1 or self.pp > 1,
+                f"parallel.virtual_pp({self.virtual_pp}) needs parallel.pp > 1 (interleaving splits pipeline stages)",
+            )
+        _check(
+            not self.sequence_parallel or self.tp > 1,
+            "parallel.sequence_parallel needs parallel.tp > 1 (it shards activations over the TP group)",
+        )
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW through megatron-core's optimizer, with the LR schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms and biases."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """LR after warmup: cosine or linear decay to min_lr, constant, or warmup-stable-decay."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
+    decay_steps: int | None = None
+    """Steps over which the LR decays (after warmup ends); None means until train.max_steps."""
+    wsd_decay_fraction: float = 0.2
+    """For schedule=wsd: the final fraction of the decay steps that anneal to min_lr."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over the data-parallel group (ZeRO-1, megatron-core style)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"optim.min_lr({self.min_lr}) must be in [0, optim.lr({self.lr})]")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.decay_steps is None or self.decay_steps >= 1, f"optim.decay_steps must be >= 1, got {self.decay_steps}")
+        _check(
+            0 < self.wsd_decay_fraction <= 1,
+            f"optim.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where training samples come from."""
+
+    path: str | None = None
+    """MDS dataset directory (local) or remote URL (s3://, gs://, ...); None uses the bundled corpus."""
+    tokenizer: str | None = None
+    """tokenizer.json the dataset was made with; None uses the bundled one."""
+    shuffle: bool = True
+    """Shuffle samples (deterministically, from train.seed)."""
+    num_workers: int = 0
+    """Data-loader worker processes per rank."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The loop: batch sizes, length, precision, seeding and output."""
+
+    max_steps: int = 300
+    """Optimizer steps to run."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 16
+    """Samples per optimizer step over all ranks: micro_batch_size × grad accumulation × dp."""
+    seed: int = 1234
+    """Seeds weights, dropout and data order; the same seed gives the same run."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """Parameter/compute dtype; bf16 keeps fp32 master weights in the optimizer."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """cuda with NCCL, or cpu with gloo (megatron-core CPU emulation); auto picks cuda when present."""
+    log_every: int = 10
+    """Print a console line and append a metrics.jsonl record every N steps."""
+    run_dir: str | None = None
+    """Run directory; None makes runs/<config name>-<timestamp>."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Checkpoint cadence and retention (the checkpoint manager lands with its own issue)."""
+
+    every: int = 0
+    """Save every N steps; 0 disables saving."""
+    dir: str | None = None
+    """Checkpoint directory; None means <train.run_dir>/checkpoints."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints."""
+    keep_every: int = 0
+    """Also keep every N-th step's checkpoint forever; 0 disables."""
+    async_save: bool = True
+    """Write in the background while training goes on (YAML key: async)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, f"checkpoint.every must be >= 0 (0 disables), got {self.every}")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        _check(self.keep_every >= 0, f"checkpoint.keep_every must be >= 0, got {self.keep_every}")
+        _check(
+            self.every == 0,
+            f"checkpoint.every={self.every}: saving checkpoints is not available in this version of kiln yet; "
+            "set checkpoint.every=0",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """Where metrics go besides the console and metrics.jsonl."""
+
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode; offline writes a run under <run_dir>/wandb that `wandb sync` uploads later."""
+    wandb_project: str = "kiln"
+    wandb_entity: str | None = None
+    all_ranks: bool = False
+    """Every rank logs to <run_dir>/logs/rank<N>.log; rank 0 always prints to the console."""
+
+
+# YAML spellings that are not valid Python identifiers.
+_KEY_ALIASES = {"async": "async_save"}
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """One training run."""
+
+    name: str = "run"
+    """Run name (defaults to the config file's stem); used for the run directory and W&B."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.parallel.cp == 1 or self.model.seq_len % (2 * self.parallel.cp) == 0,
+            f"model.seq_len({self.model.seq_len}) must be divisible by 2 × parallel.cp({self.parallel.cp}) "
+            f"= {2 * self.parallel.cp} (context parallelism splits the sequence into 2·cp chunks)",
+        )
+        if self.optim.decay_steps is None:
+            return
+        _check(
+            self.optim.warmup_steps + self.optim.decay_steps <= self.train.max_steps or self.optim.schedule == "constant",
+            f"optim.warmup_steps({self.optim.warmup_steps}) + optim.decay_steps({self.optim.decay_steps}) = "
+            f"{self.optim.warmup_steps + self.optim.decay_steps} exceeds train.max_steps({self.train.max_steps})",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["checkpoint"]["async"] = out["checkpoint"].pop("async_save")
+        return out
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and where lossless, convert) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except KilnConfigError as err:
+                errors.append(str(err))
+        raise KilnConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise KilnConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise KilnConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise KilnConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise KilnConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise KilnConfigError(f"{key}: expected a string, got {value!r}")
+    if _is_dataclass_type(tp):
+        return _build(tp, value, key)
+    raise KilnConfigError(f"{key}: unsupported setting type {tp}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise KilnConfigError(f"{where}: expected a mapping of settings, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        name = _KEY_ALIASES.get(key, key)
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if name not in names:
+            spellings = [k for k, v in _KEY_ALIASES.items() if v in names] + [n for n in names if n not in _KEY_ALIASES.values()]
+            near = difflib.get_close_matches(str(key), spellings, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
+            raise KilnConfigError(f"unknown setting '{full}'{hint} (valid: {', '.join(spellings)})")
+        kwargs[name] = _coerce(value, hints[name], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise KilnConfigError(f"override {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["optim.lr=3e-4", "parallel.tp=2"]`` → ``[("optim.lr", 3e-4), ("parallel.tp", 2)]``."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise KilnConfigError(f"override '{item}' is not of the form section.key=value (e.g. optim.lr=3e-4)")
+        parsed.append((key, yaml.safe_load(text) if text else ""))
+    return parsed
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    raw = dict(raw or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    return _build(RunConfig, raw, "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise KilnConfigError(f"config file {path} does not exist (shipped configs are in configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise KilnConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise KilnConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, overrides)
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

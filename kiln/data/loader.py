@@ -1,0 +1,243 @@
+"""The training data loader: an endless stream of micro-batches over an MDS dataset.
+
+Built on mosaicml-streaming. What kiln relies on (checked against streaming 0.13.0):
+
+* Global batch determinism. Streaming lays one epoch out as a single sample stream (fixed by
+  the seed, the epoch and ``num_canonical_nodes``, not by the world), deals it round-robin to
+  nodes then ranks, and each rank cuts its share into micro-batches. So step k of every rank
+  together covers stream positions ``[k*G, (k+1)*G)`` with ``G = micro_batch_size * dp_size``,
+  whatever ``dp_size`` is; with gradient accumulation ``A``, micro-batches ``k*A .. k*A+A-1``
+  of every rank cover one global batch of ``G*A``. This needs ``num_canonical_nodes`` fixed
+  (kiln uses 1: it divides every node count) and ``batch_size`` passed to the dataset.
+* Epoch ends. Streaming pads an epoch to a multiple of the world size with repeated samples,
+  which depends on the topology; kiln instead sets ``epoch_size`` to a multiple of the global
+  batch (a seeded, topology-independent subset), so every epoch is a whole number of global
+  batches. The trainer must pass ``global_batch_size`` when it accumulates gradients.
+* Replication. Ranks ``[r*R, (r+1)*R)`` (one TP×CP×PP replica) form one streaming "rank"
+  through ``replication=R`` and receive identical micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.data.pack import INDEX_FILE, read_meta
+from kiln.errors import KilnDataError
+
+log = logging.getLogger(__name__)
+
+_REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "http://", "https://",
+                   "sftp://", "dbfs:/", "wandb://")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(_REMOTE_SCHEMES)
+
+
+def dataset_seq_len(path: str) -> int:
+    """seq_len of a local kiln dataset (each sample holds ``seq_len + 1`` tokens)."""
+    if is_remote(path):
+        raise KilnDataError(f"dataset_seq_len reads local datasets only; for {path} build the loader and use .seq_len")
+    return int(read_meta(path)["seq_len"])
+
+
+def _num_samples(path: str) -> int:
+    import json
+
+    with open(os.path.join(path, INDEX_FILE), encoding="utf-8") as f:
+        return sum(int(s["samples"]) for s in json.load(f)["shards"])
+
+
+def _check_world(dp_rank: int, dp_size: int, replication: int) -> None:
+    """Streaming reads its world from the env; make sure it is the world the trainer means."""
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    world = int(env["WORLD_SIZE"] or 1)
+    rank = int(env["RANK"] or 0)
+    local_world = int(env["LOCAL_WORLD_SIZE"] or 1)
+    expected = dp_size * replication
+    if world != expected:
+        raise KilnDataError(
+            f"data loader: WORLD_SIZE={env['WORLD_SIZE']} but dp_size({dp_size}) × replication({replication}) = "
+            f"{expected}; launch with torchrun (which sets RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE)")
+    if rank // replication != dp_rank:
+        raise KilnDataError(
+            f"data loader: RANK={rank} gives dp_rank {rank} // replication({replication}) = {rank // replication}, "
+            f"but the layout says dp_rank={dp_rank}; kiln expects DP as the outermost rank dimension")
+    if world > 1 and (env["LOCAL_WORLD_SIZE"] is None or world % local_world):
+        raise KilnDataError(
+            f"data loader: LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']} must be set and divide WORLD_SIZE={world} "
+            f"(streaming shares memory between the ranks of one node)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        got = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+        if got != (rank, world):
+            raise KilnDataError(f"data loader: torch.distributed has (rank, world) = {got} but the env says {(rank, world)}")
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    tokens = np.stack([s["tokens"] for s in samples]).astype(np.int64)
+    return {"tokens": torch.from_numpy(tokens)}  # [micro_batch_size, seq_len + 1]
+
+
+class TrainLoader:
+    """Endless iterator of ``{"tokens": LongTensor[micro_batch_size, seq_len + 1]}``.
+
+    Iterate it once (``next(loader)``); its ``state_dict`` goes into each checkpoint and
+    ``load_state_dict`` must be called before the first batch.
+    """
+
+    def __init__(self, dataset: Any, *, micro_batch_size: int, dp_size: int, num_workers: int,
+                 meta: dict | None) -> None:
+        from streaming import StreamingDataLoader
+
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_size = dp_size
+        self.meta = meta or {}
+        self.seq_len: int = int(self.meta.get("seq_len") or 0)
+        self.vocab_size: int | None = self.meta.get("vocab_size")
+        self.eos_id: int | None = self.meta.get("eos_id")
+        # drop_last: the epoch is a whole number of micro-batches anyway (see module docstring);
+        # this only guards the trainer against a ragged batch if that assumption ever breaks.
+        self._loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
+                                           collate_fn=_collate, drop_last=True,
+                                           persistent_workers=num_workers > 0)
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self._gen: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        empty_epochs = 0
+        while True:
+            got = False
+            # Each iter() over the streaming loader starts streaming's next epoch (or resumes).
+            for batch in self._loader:
+                got = True
+                self.batches_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batches_in_epoch = 0
+            empty_epochs = 0 if got else empty_epochs + 1
+            if empty_epochs >= 2:  # one empty epoch is normal after resuming exactly at its end
+                raise KilnDataError("data loader: two epochs in a row yielded no micro-batch; the dataset is empty")
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._gen is None:
+            self._gen = self._batches()
+        return next(self._gen)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the global sample stream; the same on every rank, valid for any dp_size."""
+        return {
+            "epoch": self.epoch,
+            "sample_in_epoch": self.batches_in_epoch * self.micro_batch_size * self.dp_size,
+            "num_canonical_nodes": self.dataset.num_canonical_nodes,
+            "shuffle_seed": self.dataset.shuffle_seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._gen is not None:
+            raise KilnDataError("data loader: load_state_dict must be called before the first batch")
+        g = self.micro_batch_size * self.dp_size
+        if state["sample_in_epoch"] % g:
+            raise KilnDataError(
+                f"data loader: resuming at sample {state['sample_in_epoch']} of epoch {state['epoch']}, which is not "
+                f"a multiple of micro_batch_size({self.micro_batch_size}) × dp_size({self.dp_size}) = {g}")
+        self.dataset.load_state_dict(dict(state))
+        self.epoch = int(state["epoch"])
+        self.batches_in_epoch = int(state["sample_in_epoch"]) // g
+
+
+def build_train_loader(
+    path: str,
+    *,
+    micro_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    dp_rank: int,
+    dp_size: int,
+    replication: int = 1,
+    num_workers: int = 0,
+    global_batch_size: int | None = None,
+    num_canonical_nodes: int = 1,
+    cache_dir: str | None = None,
+) -> TrainLoader:
+    """Build the endless micro-batch iterator of this rank. Collective: every rank calls it.
+
+    ``global_batch_size`` (micro-batch × dp × accumulation; default micro-batch × dp) makes
+    every epoch a whole number of global batches. A remote ``path`` (``s3://…``) is cached
+    under ``cache_dir`` (default ``$KILN_CACHE_DIR/streaming/<hash>``).
+    """
+    from streaming import StreamingDataset
+
+    if micro_batch_size < 1 or dp_size < 1 or replication < 1 or not 0 <= dp_rank < dp_size:
+        raise KilnDataError(f"data loader: bad micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, "
+                            f"dp_size={dp_size}, replication={replication}")
+    step = micro_batch_size * dp_size
+    gbs = global_batch_size or step
+    if gbs % step:
+        raise KilnDataError(f"data loader: global_batch_size({gbs}) is not a multiple of "
+                            f"micro_batch_size({micro_batch_size}) × dp_size({dp_size}) = {step}")
+    _check_world(dp_rank, dp_size, replication)
+
+    kwargs: dict[str, Any] = {}
+    meta: dict | None = None
+    if is_remote(path):
+        if cache_dir is None:
+            root = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+            cache_dir = os.path.join(root, "streaming", hashlib.sha256(path.encode()).hexdigest()[:16])
+        kwargs.update(remote=path, local=cache_dir)
+        log.warning("remote dataset %s: epoch size is not aligned to the global batch (sample count unknown "
+                    "before download); the last global batch of an epoch may differ between topologies", path)
+    else:
+        if not os.path.isfile(os.path.join(path, INDEX_FILE)):
+            raise KilnDataError(f"no MDS dataset at {path} ({INDEX_FILE} missing); prepare it with `kiln data prepare`")
+        meta = read_meta(path)
+        n = _num_samples(path)
+        kwargs.update(local=os.path.abspath(path), epoch_size=max(gbs, n // gbs * gbs))
+        if n < gbs:
+            log.warning("dataset %s has %d samples, fewer than one global batch (%d): samples repeat", path, n, gbs)
+
+    try:
+        dataset = StreamingDataset(
+            **kwargs,
+            batch_size=micro_batch_size,  # streaming cuts each rank's share into batches of this size
+            shuffle=shuffle,
+            shuffle_algo="py1e",
+            shuffle_seed=seed,
+            num_canonical_nodes=num_canonical_nodes,
+            partition_algo="orig",
+            replication=replication if replication > 1 else None,
+        )
+    except ValueError as e:
+        if "Reused local directory" in str(e):
+            raise KilnDataError(
+                f"data loader: streaming found shared memory of an earlier run on {kwargs['local']} (a killed job?); "
+                f"call kiln.data.loader.clean_stale_shm() once at job start, or use another cache_dir") from e
+        raise
+    loader = TrainLoader(dataset, micro_batch_size=micro_batch_size, dp_size=dp_size, num_workers=num_workers,
+                         meta=meta)
+    if not loader.seq_len:
+        # Remote: the index is in the local cache now; read the width of the tokens column.
+        loader.seq_len = int(dataset.shards[0].column_encodings[0].rsplit(":", 1)[-1]) - 1
+    return loader
+
+
+def clean_stale_shm() -> None:
+    """Remove streaming shared memory left by killed jobs on this machine.
+
+    Removes *every* streaming segment, live ones too: call it once at job start, on every rank
+    (it is collective), before any dataset exists and only when no other job uses this machine.
+    """
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()

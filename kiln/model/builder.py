@@ -1,0 +1,105 @@
+"""Build kiln's Llama-style megatron-core GPTModel for one rank of a parallel layout.
+
+The model builder is the only place that knows how layers are split: it takes the layout
+(through :class:`~kiln.parallel.backend.ParallelContext`) and a layer spec from
+:mod:`kiln.kernels`, and returns this rank's model chunks (one, or ``virtual_pp`` when the
+pipeline is interleaved).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from kiln.config import RunConfig
+from kiln.kernels.spec import select_layer_spec
+from kiln.model.init import init_weights
+from kiln.parallel.backend import ParallelContext
+from kiln.plan.params import padded_vocab_size
+
+log = logging.getLogger(__name__)
+
+
+def _leave_uninitialised(tensor: torch.Tensor) -> None:
+    pass
+
+
+def transformer_config(config: RunConfig, ctx: ParallelContext):
+    """megatron-core TransformerConfig for the run: RMSNorm, SwiGLU, no biases, no dropout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, layout = config.model, ctx.layout
+    bf16 = config.train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.query_groups,
+        ffn_hidden_size=m.ffn_size,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.virtual_pp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=config.parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        # kiln initialises weights itself (layout-independent, see kiln.model.init); megatron
+        # still runs its init path with a no-op method because that path tags each weight
+        # with its TP partition dim and stride, which kiln's init reads.
+        perform_initialization=True,
+        init_method=_leave_uninitialised,
+        output_layer_init_method=_leave_uninitialised,
+        use_cpu_initialization=False,
+        # Fusions that need apex/TE kernels; TE's own spec fuses what it can on GPU.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def build_model(config: RunConfig, ctx: ParallelContext, vocab_size: int, tconfig) -> list[torch.nn.Module]:
+    """This rank's model chunks, on its device, with weights initialised from train.seed."""
+    from megatron.core.models.gpt import GPTModel
+
+    spec = select_layer_spec(ctx.device.type)
+    layout, coords = ctx.layout, ctx.coords
+    chunks = layout.virtual_pp or 1
+    padded = padded_vocab_size(vocab_size, config.model, layout.tp)
+    models = []
+    for vp_stage in range(chunks):
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=spec,
+            vocab_size=padded,
+            max_sequence_length=config.model.seq_len,
+            pre_process=coords["pp"] == 0 and vp_stage == 0,
+            post_process=coords["pp"] == layout.pp - 1 and vp_stage == chunks - 1,
+            share_embeddings_and_output_weights=config.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(config.model.rope_theta),
+            pg_collection=ctx.pg_collection,
+            vp_stage=vp_stage if layout.virtual_pp else None,
+        )
+        model.to(ctx.device)
+        init_weights(model, config.model, ctx, seed=config.train.seed)
+        models.append(model)
+    n_local = sum(p.numel() for m in models for p in m.parameters())
+    log.info("model chunk(s) on this rank: %d, local parameters %s", len(models), f"{n_local:,}")
+    return models

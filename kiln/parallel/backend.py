@@ -1,0 +1,149 @@
+"""Process groups and the device backend: CUDA/NCCL on GPUs, CPU/gloo emulation elsewhere.
+
+This is the one module that talks to megatron-core's ``parallel_state``; everything else in
+kiln receives the groups it needs from :class:`ParallelContext`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kiln.config import RunConfig
+from kiln.errors import KilnEnvironmentError
+from kiln.parallel.layout import MEGATRON_ORDER, ParallelLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelContext:
+    """What a rank needs to know about the parallel world it lives in."""
+
+    layout: ParallelLayout
+    rank: int
+    local_rank: int
+    device: torch.device
+    pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+
+    @property
+    def coords(self) -> dict[str, int]:
+        return self.layout.coords(self.rank)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coords["pp"] == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coords["pp"] == self.layout.pp - 1
+
+    @property
+    def dp_group(self):
+        return self.pg_collection.dp
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that prints metrics: tp 0, cp 0, dp 0 of the last stage (it has the loss)."""
+        c = self.coords
+        return c["tp"] == 0 and c["cp"] == 0 and c["dp"] == 0 and self.is_last_stage
+
+    @property
+    def logging_rank(self) -> int:
+        return (self.layout.pp - 1) * self.layout.tp * self.layout.cp
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' → 'cuda' if a GPU is visible, else 'cpu'; 'cuda' without a GPU is an error."""
+    has_cuda = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if requested == "cuda" and not has_cuda:
+        raise KilnEnvironmentError(
+            "train.device=cuda but no CUDA device is visible; use train.device=cpu (or auto) to run on CPU"
+        )
+    return requested
+
+
+def init_parallel(config: RunConfig) -> ParallelContext:
+    """Join (or create) the process group, build megatron-core's groups, seed every RNG."""
+    device_type = resolve_device(config.train.device)
+    if device_type == "cpu":
+        from kiln.parallel import cpu_emulation
+
+        cpu_emulation.install()
+
+    if not dist.is_initialized():
+        _init_default_group(device_type)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    layout = ParallelLayout.from_config(config, world)
+
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.virtual_pp,
+        context_parallel_size=layout.cp,
+        order=MEGATRON_ORDER,
+    )
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    model_parallel_cuda_manual_seed(config.train.seed)
+    _seed_everything(config.train.seed, layout.coords(rank))
+    ctx = ParallelContext(layout=layout, rank=rank, local_rank=local_rank, device=device, pg_collection=pg_collection)
+    log.debug("rank %d coords %s on %s", rank, ctx.coords, device)
+    return ctx
+
+
+def _init_default_group(device_type: str) -> None:
+    if "RANK" not in os.environ:
+        # A single process started without torchrun: make a world of one.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _seed_everything(seed: int, coords: dict[str, int]) -> None:
+    # The default generators differ per pipeline stage (like megatron-core's
+    # `seed + 100 * pp_rank`) so stages never share a dropout stream; the model-parallel
+    # tracker adds the TP offset. Weight init does not use these (see kiln.model.init).
+    import random
+
+    import numpy as np
+
+    stage_seed = seed + 100 * coords["pp"]
+    random.seed(stage_seed)
+    np.random.seed(stage_seed % 2**32)
+    torch.manual_seed(stage_seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

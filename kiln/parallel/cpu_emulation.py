@@ -1,0 +1,136 @@
+"""Run megatron-core's real code paths on CPU with gloo, where CUDA is absent.
+
+megatron-core is written for CUDA. Its layers, pipeline schedules, DDP and optimizers work on
+CPU once a few assumptions hold, and this module makes them hold for the whole process:
+
+* ``torch.cuda.current_device()`` places buffers; it yields the CPU device.
+* Factory calls with a literal ``device="cuda"`` (the schedule's token counter, gradient
+  clipping's norm buffer, the default causal mask) are mapped to CPU by a
+  ``TorchFunctionMode``, which also makes ``Tensor.cuda()`` a no-op.
+* The optimizer wrappers assert type strings such as ``'torch.cuda.FloatTensor'``; the same
+  mode answers ``Tensor.type()`` with the CUDA spelling of the CPU type.
+* The CUDA RNG tracker gets a CPU counterpart that keeps named CPU generator states.
+
+This is what lets ``kiln train --device cpu`` rehearse a cluster's exact parallel layout on a
+laptop, and what lets CI test TP/PP/DP parity. It is switched on only where CUDA is absent,
+and only by :func:`kiln.parallel.backend.init_parallel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
+_installed = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA device arguments to CPU and answers type queries with CUDA spellings."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        device = kwargs.get("device")
+        if device is not None and (_is_cuda(device) or isinstance(device, int)):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and (_is_cuda(args[1]) or isinstance(args[1], int)):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """CPU stand-in for megatron-core's ``CudaRNGStatesTracker``: named CPU generator states.
+
+    ``fork(name)`` swaps the process's default CPU generator to the named state for the duration
+    of the block, which is how megatron-core keeps TP-rank-specific dropout streams.
+    """
+
+    def __init__(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def reset(self) -> None:
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        outer = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(outer)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def install() -> None:
+    """Switch the process into CPU emulation of CUDA for megatron-core. Idempotent."""
+    global _installed
+    if _installed:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("CPU emulation is for machines without CUDA; this one has a GPU")
+    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.manual_seed = torch.manual_seed  # type: ignore[assignment]
+    torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()  # type: ignore[assignment]
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)  # type: ignore[assignment]
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # Entered for the life of the process on purpose: megatron-core creates CUDA tensors
+    # from deep inside its schedules and optimizers, long after any `with` block would close.
+    _CudaToCpuMode().__enter__()
+    _installed = True
+    log.info("CUDA is absent: megatron-core runs on CPU with gloo (kiln CPU emulation)")
+
+
+def is_installed() -> bool:
+    return _installed

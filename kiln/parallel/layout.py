@@ -1,0 +1,157 @@
+"""The parallel layout: world = dp × pp × cp × tp, validated, with every rank's coordinates.
+
+This module is pure Python (no process group is created here), so ``kiln train --dry-run``
+can print the layout of a 512-GPU job on a laptop. Rank order is tp fastest, then cp, then
+pp, then dp (megatron-core order ``tp-cp-ep-pp-dp``): TP groups stay inside a node, and a
+data-parallel replica is a block of consecutive ranks, which is what the data loader's
+``replication`` relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.parallel_state import RankGenerator
+
+from kiln.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from kiln.errors import KilnConfigError
+
+MEGATRON_ORDER = "tp-cp-ep-pp-dp"
+AXES = ("tp", "cp", "pp", "dp")
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelLayout:
+    """Sizes of each parallel axis and the rank arithmetic between them."""
+
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    virtual_pp: int | None = None
+
+    @classmethod
+    def from_config(cls, config: RunConfig, world_size: int) -> "ParallelLayout":
+        """Build and validate the layout of ``config`` on ``world_size`` ranks."""
+        p = config.parallel
+        layout = cls(
+            world_size=world_size,
+            tp=p.tp,
+            pp=p.pp,
+            cp=p.cp,
+            dp=_derive_dp(p, world_size),
+            virtual_pp=p.virtual_pp if p.virtual_pp and p.virtual_pp > 1 else None,
+        )
+        layout._validate_model(config.model)
+        layout._validate_batch(config.train)
+        return layout
+
+    # -- validation ---------------------------------------------------------------------
+    def _validate_model(self, model: ModelConfig) -> None:
+        tp = self.tp
+        if model.num_attention_heads % tp:
+            raise KilnConfigError(
+                f"model.num_attention_heads({model.num_attention_heads}) is not divisible by parallel.tp({tp}): "
+                f"{model.num_attention_heads} / {tp} = {model.num_attention_heads / tp:g} heads per rank"
+            )
+        if model.query_groups % tp:
+            raise KilnConfigError(
+                f"model.num_query_groups({model.query_groups}) is not divisible by parallel.tp({tp}): "
+                f"{model.query_groups} / {tp} = {model.query_groups / tp:g} key/value heads per rank"
+            )
+        if model.ffn_size % tp:
+            raise KilnConfigError(f"model ffn size({model.ffn_size}) is not divisible by parallel.tp({tp})")
+        chunks = self.pp * (self.virtual_pp or 1)
+        if model.num_layers % chunks:
+            what = f"parallel.pp({self.pp})" + (f" × parallel.virtual_pp({self.virtual_pp})" if self.virtual_pp else "")
+            raise KilnConfigError(
+                f"model.num_layers({model.num_layers}) is not divisible by {what} = {chunks} pipeline chunks"
+            )
+
+    def _validate_batch(self, train: TrainConfig) -> None:
+        per_step = train.micro_batch_size * self.dp
+        if train.global_batch_size % per_step:
+            raise KilnConfigError(
+                f"train.global_batch_size({train.global_batch_size}) is not divisible by "
+                f"train.micro_batch_size({train.micro_batch_size}) × dp({self.dp}) = {per_step}"
+            )
+        microbatches = train.global_batch_size // per_step
+        if self.virtual_pp and microbatches % self.pp:
+            raise KilnConfigError(
+                f"interleaved pipelining needs the number of micro-batches per step "
+                f"({train.global_batch_size} / ({train.micro_batch_size} × {self.dp}) = {microbatches}) "
+                f"to be a multiple of parallel.pp({self.pp})"
+            )
+
+    # -- arithmetic ---------------------------------------------------------------------
+    @property
+    def replica_size(self) -> int:
+        """Ranks in one data-parallel replica (they all see the same samples)."""
+        return self.tp * self.cp * self.pp
+
+    def num_microbatches(self, train: TrainConfig) -> int:
+        return train.global_batch_size // (train.micro_batch_size * self.dp)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """The (tp, cp, pp, dp) coordinates of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        tp, rest = rank % self.tp, rank // self.tp
+        cp, rest = rest % self.cp, rest // self.cp
+        pp, dp = rest % self.pp, rest // self.pp
+        return {"tp": tp, "cp": cp, "pp": pp, "dp": dp}
+
+    def groups(self, axis: str) -> list[list[int]]:
+        """Every group of ranks along ``axis`` ('tp', 'cp', 'pp', 'dp', or joined like 'tp-pp')."""
+        generator = RankGenerator(tp=self.tp, ep=1, dp=self.dp, pp=self.pp, cp=self.cp, order=MEGATRON_ORDER)
+        return generator.get_ranks(axis)
+
+    def stage_layers(self, num_layers: int) -> list[list[tuple[int, int]]]:
+        """Per pipeline rank, the [start, end) layer ranges of its model chunks.
+
+        With interleaving, chunk v of rank r holds layers of virtual stage v × pp + r, so rank 0
+        holds the first and the (pp+1)-th blocks of layers (megatron-core's assignment).
+        """
+        chunks = self.virtual_pp or 1
+        per_chunk = num_layers // (self.pp * chunks)
+        return [
+            [((v * self.pp + r) * per_chunk, (v * self.pp + r + 1) * per_chunk) for v in range(chunks)]
+            for r in range(self.pp)
+        ]
+
+    def describe(self, max_groups: int = 8) -> str:
+        """Human-readable layout: sizes, then the rank groups of each axis."""
+        vpp = f" (virtual {self.virtual_pp} chunks/rank)" if self.virtual_pp else ""
+        lines = [
+            f"world {self.world_size} = dp {self.dp} × pp {self.pp}{vpp} × cp {self.cp} × tp {self.tp}"
+            f"   (rank order tp fastest, dp outermost)"
+        ]
+        for axis in AXES:
+            groups = self.groups(axis)
+            shown = "  ".join(_fmt_group(g) for g in groups[:max_groups])
+            more = f"  … {len(groups) - max_groups} more" if len(groups) > max_groups else ""
+            lines.append(f"  {axis} groups ({len(groups)} × {len(groups[0])} ranks): {shown}{more}")
+        return "\n".join(lines)
+
+
+def _fmt_group(ranks: list[int]) -> str:
+    if len(ranks) > 2 and all(b - a == ranks[1] - ranks[0] for a, b in zip(ranks, ranks[1:])):
+        step = ranks[1] - ranks[0]
+        return f"[{ranks[0]}..{ranks[-1]}" + (f" step {step}]" if step != 1 else "]")
+    return "[" + ",".join(map(str, ranks)) + "]"
+
+
+def _derive_dp(p: ParallelConfig, world_size: int) -> int:
+    if world_size < 1:
+        raise KilnConfigError(f"world size must be >= 1, got {world_size}")
+    model_parallel = p.model_parallel_size
+    arithmetic = f"parallel: tp({p.tp}) × pp({p.pp}) × cp({p.cp}) = {model_parallel}"
+    if world_size % model_parallel:
+        raise KilnConfigError(f"{arithmetic} does not divide world size {world_size}")
+    if p.dp is not None and p.dp * model_parallel != world_size:
+        raise KilnConfigError(
+            f"{arithmetic}, × dp({p.dp}) = {p.dp * model_parallel} does not equal world size {world_size} "
+            f"(omit parallel.dp to derive it: {world_size // model_parallel})"
+        )
+    return world_size // model_parallel

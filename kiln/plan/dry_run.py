@@ -1,0 +1,123 @@
+"""``kiln train CONFIG --dry-run --world-size N``: the plan of a run, without running it.
+
+Validates the parallel layout against the model and batch settings (raising the same
+:class:`~kiln.errors.KilnConfigError` a real launch would), then prints who does what: the
+rank groups of every parallel axis, the model, its parameters per pipeline stage and per
+rank, and the batch arithmetic. Pure arithmetic: no process group is created, no model is
+built, nothing is read except (when ``model.vocab_size`` is unset) the tokenizer file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kiln.config import RunConfig
+from kiln.errors import KilnConfigError
+from kiln.parallel.layout import ParallelLayout
+from kiln.plan.params import count_parameters, human, human_exact
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_vocab_size(config: RunConfig) -> int:
+    """``model.vocab_size``, or else the vocabulary size of the run's tokenizer."""
+    if config.model.vocab_size is not None:
+        return config.model.vocab_size
+    # Imported here: the tokenizer module pulls in Hugging Face tokenizers, which a dry run of
+    # a preset (vocab_size set) never needs.
+    from kiln.data.tokenizer import bundled_tokenizer_path, load_tokenizer
+
+    path = config.data.tokenizer or bundled_tokenizer_path()
+    try:
+        return load_tokenizer(path).vocab_size
+    except KilnConfigError:
+        raise
+    except Exception as err:  # a missing or unreadable file: say which setting to fix
+        raise KilnConfigError(
+            f"model.vocab_size is unset and the tokenizer {path} (data.tokenizer) cannot be read: {err}; "
+            "point data.tokenizer at your tokenizer.json or set model.vocab_size"
+        ) from err
+
+
+def dry_run_report(config: RunConfig, world_size: int, vocab_size: int | None = None) -> str:
+    """Validate ``config`` on ``world_size`` ranks and describe the run as text.
+
+    ``vocab_size`` overrides the config's (and saves reading the tokenizer); when None it is
+    ``model.vocab_size``, or the tokenizer's.
+    """
+    layout = ParallelLayout.from_config(config, world_size)
+    model, train, p = config.model, config.train, config.parallel
+    vocab = vocab_size if vocab_size is not None else resolve_vocab_size(config)
+    params = count_parameters(model, vocab, tp=layout.tp)
+
+    lines = [f"kiln dry run: {config.name} on {world_size} ranks (no process group created, no model built)", ""]
+
+    lines.append("layout")
+    lines += ["  " + line for line in layout.describe().splitlines()]
+    lines.append(
+        f"  engine {p.engine}, precision {train.precision}, device {train.device}, "
+        f"sequence parallel {_yes(p.sequence_parallel)}, distributed optimizer {_yes(config.optim.distributed_optimizer)}"
+    )
+    lines.append("")
+
+    pad = params.padded_vocab - vocab
+    padding = (
+        f"padded +{pad:,} to {params.padded_vocab:,} = multiple of {model.make_vocab_divisible_by} × tp {layout.tp}"
+        if pad
+        else f"no padding needed for {model.make_vocab_divisible_by} × tp {layout.tp}"
+    )
+    lines += [
+        "model",
+        f"  {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads / "
+        f"{model.query_groups} kv heads (head dim {model.head_dim}), ffn {model.ffn_size}, seq_len {model.seq_len}",
+        f"  vocab {vocab:,} ({padding}), embeddings {'tied' if model.tie_embeddings else 'untied'}",
+        "",
+    ]
+
+    lines += [
+        "parameters",
+        f"  total {human_exact(params.total)}",
+        f"  embedding {human(params.embedding)}, per layer {human(params.per_layer)}, "
+        f"final norm {params.final_norm:,}, output layer "
+        + (human(params.output_layer) if params.output_layer else "tied to the embedding"),
+    ]
+    lines.append(f"  per pipeline stage (one rank's share: tp-sharded weights / tp {layout.tp}, norms replicated):")
+    rows = []
+    for stage, (chunks, whole, rank) in enumerate(
+        zip(layout.stage_layers(model.num_layers), params.per_stage(layout), params.per_rank(layout))
+    ):
+        where = f"stage {stage}: layers " + ", ".join(f"{start}-{end - 1}" for start, end in chunks)
+        if stage == 0:
+            where += " + embedding"
+        if stage == layout.pp - 1:
+            where += " + final norm" + _output_piece(model.tie_embeddings, layout.pp)
+        rows.append((where, human_exact(whole), human(rank)))
+    width = max(len(where) for where, _, _ in rows)
+    swidth = max(len(whole) for _, whole, _ in rows)
+    lines += [f"    {where:<{width}}  {whole:<{swidth}}  per rank {rank}" for where, whole, rank in rows]
+    if model.tie_embeddings and layout.pp > 1:
+        lines.append("    (tied embeddings with pp > 1: the stages sum to the total plus that one copy)")
+    lines.append("")
+
+    accum = layout.num_microbatches(train)
+    tokens = train.global_batch_size * model.seq_len
+    lines += [
+        "batch",
+        f"  global batch {train.global_batch_size} sequences = micro-batch {train.micro_batch_size} × dp {layout.dp} "
+        f"× {accum} grad-accumulation micro-batches",
+        f"  tokens per step {tokens:,} = {train.global_batch_size} × seq_len {model.seq_len} ({human(tokens)}); "
+        f"{train.max_steps:,} steps = {human(tokens * train.max_steps)} tokens",
+    ]
+    return "\n".join(lines)
+
+
+def _output_piece(tied: bool, pp: int) -> str:
+    if not tied:
+        return " + output"
+    # Tied: with one stage the output layer reads the embedding; with more, the last stage
+    # keeps its own copy of it (megatron-core all-reduces the two copies' gradients).
+    return " + output (copy of embedding)" if pp > 1 else " (output tied to embedding)"
+
+
+def _yes(flag: bool) -> str:
+    return "on" if flag else "off"

@@ -1,0 +1,143 @@
+"""The training loop: global batch → micro-batches → forward/backward (pipeline schedule) → step.
+
+One optimizer step consumes ``global_batch_size`` samples: each data-parallel replica runs
+``num_microbatches`` micro-batches of ``micro_batch_size`` through megatron-core's schedule
+(no pipelining, 1F1B, or interleaved 1F1B, chosen from the layout), megatron-core DDP
+averages the gradients over data-parallel ranks, and the optimizer clips and steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from kiln.config import RunConfig
+from kiln.parallel.backend import ParallelContext
+from kiln.trainer.callbacks import Callback
+
+log = logging.getLogger("kiln")
+
+
+def _loss_func(output_tensor: torch.Tensor):
+    """Mean next-token loss of one micro-batch; the schedule divides by the micro-batch count."""
+    loss = output_tensor.float().mean()
+    return loss, {"lm loss": loss.detach().clone()}  # the schedule scales `loss` in place
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        ctx: ParallelContext,
+        models: list[torch.nn.Module],
+        optimizer,
+        scheduler,
+        batches: Iterator[dict[str, torch.Tensor]],
+        callbacks: list[Callback],
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+    ) -> None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.config, self.ctx, self.models = config, ctx, models
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.batches, self.callbacks = batches, callbacks
+        self.num_microbatches = ctx.layout.num_microbatches(config.train)
+        self.tokens_per_step = config.train.global_batch_size * config.model.seq_len
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.forward_backward = get_forward_backward_func(
+            pp_size=ctx.layout.pp, vp_size=ctx.layout.virtual_pp
+        )
+        self.step = 0
+        self._positions = torch.arange(config.model.seq_len, device=ctx.device).unsqueeze(0)
+
+    # -- one step ----------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        tokens = next(data_iterator)["tokens"].to(self.ctx.device, non_blocking=True)  # [b, s+1]
+        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # [b, s]
+        positions = self._positions.expand_as(inputs)
+        output = model(inputs, positions, attention_mask=None, labels=labels)  # last stage: loss [b, s]
+        return output, _loss_func
+
+    def train_step(self) -> tuple[torch.Tensor, float]:
+        """Run one optimizer step; returns (this rank's summed micro-batch losses and count, grad norm)."""
+        for model in self.models:
+            model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        # Every model chunk walks the same micro-batches (interleaved pipelines visit them
+        # once per chunk), and every rank draws them so all iterators stay in step.
+        microbatches = [next(self.batches) for _ in range(self.num_microbatches)]
+        iterators = [iter(microbatches) for _ in self.models]
+        losses = self.forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.models if len(self.models) > 1 else self.models[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.config.model.seq_len,
+            micro_batch_size=self.config.train.micro_batch_size,
+            decoder_seq_length=self.config.model.seq_len,
+            forward_only=False,
+        )
+        self.scheduler.step(increment=1)  # the LR of step k is schedule(k)
+        _, grad_norm, _ = self.optimizer.step()
+        loss_stats = torch.zeros(2, dtype=torch.float64)
+        if losses:  # only the last pipeline stage computes the loss
+            loss_stats[0] = sum(float(d["lm loss"]) for d in losses) / len(losses)
+            loss_stats[1] = 1.0
+        return loss_stats, float(grad_norm) if grad_norm is not None else float("nan")
+
+    # -- the loop ----------------------------------------------------------------------
+    def train(self) -> list[dict[str, Any]]:
+        cfg = self.config.train
+        for model in self.models:
+            model.train()
+        history: list[dict[str, Any]] = []
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            loss_stats, grad_norm = self.train_step()
+            self.step += 1
+            window_steps += 1
+            if self.step % cfg.log_every and self.step != cfg.max_steps:
+                continue
+            if self.ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_time = (time.perf_counter() - window_start) / window_steps
+            # Every last-stage rank holds the same (tp, cp) loss for its replica: summing the
+            # pairs over the world and dividing averages over data-parallel replicas.
+            dist.all_reduce(loss_stats)
+            metrics = self._metrics(float(loss_stats[0] / loss_stats[1]), grad_norm, step_time)
+            history.append(metrics)
+            if self.ctx.rank == 0:
+                for callback in self.callbacks:
+                    callback.on_log(metrics)
+            window_start, window_steps = time.perf_counter(), 0
+        return history
+
+    def _metrics(self, loss: float, grad_norm: float, step_time: float) -> dict[str, Any]:
+        tokens_per_s = self.tokens_per_step / step_time
+        metrics: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": step_time,
+            "tokens": self.step * self.tokens_per_step,
+        }
+        if self.flops_per_token:
+            tflops_per_gpu = self.flops_per_token * tokens_per_s / self.ctx.layout.world_size
+            metrics["tflops_per_gpu"] = tflops_per_gpu / 1e12
+            if self.peak_flops:
+                metrics["mfu"] = tflops_per_gpu / self.peak_flops
+        if self.ctx.device.type == "cuda":
+            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
+
+    def close(self) -> None:
+        for callback in self.callbacks:
+            callback.close()

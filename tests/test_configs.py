@@ -1,0 +1,140 @@
+"""The shipped configs: they load, every documented model × GPU layout validates, dry runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kiln.config import RunConfig, load_config
+from kiln.errors import KilnConfigError
+from kiln.parallel.layout import ParallelLayout
+from kiln.plan.dry_run import dry_run_report
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ["llama3-125m", "llama3-1b", "llama3-8b", "llama3-70b"]
+GPU_COUNTS = [8, 64, 512]
+
+
+def _layout_table() -> list[tuple[str, int, list[str], str, str]]:
+    """Rows of the model × GPU table in configs/README.md: (config, gpus, overrides, layout, batch)."""
+    rows = []
+    for line in (CONFIGS / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[1].isdigit():
+            overrides = [] if cells[2] == "—" else cells[2].strip("`").split()
+            rows.append((cells[0].strip("`"), int(cells[1]), overrides, cells[3], cells[4]))
+    return rows
+
+
+TABLE = _layout_table()
+
+
+def test_every_shipped_config_loads() -> None:
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"tiny", *PRESETS}
+    for path in files:
+        config = load_config(path)
+        assert config.name == path.stem
+        text = path.read_text()
+        assert text.startswith("#"), f"{path.name} needs a top-of-file comment"
+
+
+def test_tiny_is_the_cpu_default() -> None:
+    config = load_config(CONFIGS / "tiny.yaml")
+    m, t = config.model, config.train
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.query_groups, m.seq_len) == (2, 64, 4, 2, 128)
+    assert m.vocab_size is None and config.data.path is None and config.data.tokenizer is None
+    assert (t.precision, t.device, t.micro_batch_size, t.global_batch_size, t.max_steps) == ("fp32", "auto", 4, 16, 300)
+    assert (config.optim.lr, config.optim.min_lr, config.optim.warmup_steps) == (3e-3, 3e-4, 20)
+    assert config.logging.wandb == "offline"
+    for world in (1, 2):
+        ParallelLayout.from_config(config, world)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_are_llama_style(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.yaml")
+    m = config.model
+    assert m.rope_theta == 500000.0 and m.norm_eps == 1e-5 and m.vocab_size is not None
+    assert config.train.precision == "bf16" and config.train.device == "cuda"
+    assert config.data.tokenizer.startswith("/path/to/") and config.data.path.startswith("/path/to/")
+
+
+def test_table_covers_every_model_and_gpu_count() -> None:
+    assert sorted((cfg, gpus) for cfg, gpus, *_ in TABLE) == sorted(
+        (f"{name}.yaml", gpus) for name in PRESETS for gpus in GPU_COUNTS
+    )
+
+
+@pytest.mark.parametrize("config_file,gpus,overrides,layout_text,batch_text", TABLE, ids=lambda v: str(v))
+def test_table_row_validates(config_file: str, gpus: int, overrides: list[str], layout_text: str, batch_text: str) -> None:
+    config = load_config(CONFIGS / config_file, overrides)
+    layout = ParallelLayout.from_config(config, gpus)
+    vpp = f" (virtual {layout.virtual_pp})" if layout.virtual_pp else ""
+    assert layout_text == f"tp {layout.tp}, pp {layout.pp}{vpp}, dp {layout.dp}"
+    assert batch_text == f"{config.train.micro_batch_size} × {layout.num_microbatches(config.train)}"
+    # tokens per step stay ~1-4M whatever the GPU count
+    assert 1_000_000 <= config.train.global_batch_size * config.model.seq_len <= 4_200_000
+    report = dry_run_report(config, gpus)  # the presets set vocab_size: no tokenizer is read
+    assert f"on {gpus} ranks" in report
+
+
+def test_dry_run_8b_on_64() -> None:
+    report = dry_run_report(load_config(CONFIGS / "llama3-8b.yaml"), 64)
+    assert "8.03B (8,030,261,248)" in report
+    assert "world 64 = dp 32 × pp 1 × cp 1 × tp 2" in report
+    assert "tp groups (32 × 2 ranks): [0,1]  [2,3]" in report
+    assert "dp groups (2 × 32 ranks): [0..62 step 2]  [1..63 step 2]" in report
+    assert "stage 0: layers 0-31 + embedding + final norm + output" in report
+    assert "per rank 4.02B" in report
+    assert "micro-batch 1 × dp 32 × 16 grad-accumulation micro-batches" in report
+    assert "tokens per step 4,194,304" in report
+
+
+def test_dry_run_70b_lists_interleaved_chunks() -> None:
+    report = dry_run_report(load_config(CONFIGS / "llama3-70b.yaml"), 512)
+    assert "70.55B (70,553,706,496)" in report
+    assert "stage 0: layers 0-3, 16-19, 32-35, 48-51, 64-67 + embedding" in report
+    assert "stage 3: layers 12-15, 28-31, 44-47, 60-63, 76-79 + final norm + output" in report
+
+
+def test_dry_run_tiny_with_explicit_vocab() -> None:
+    config = load_config(CONFIGS / "tiny.yaml")
+    report = dry_run_report(config, 2, vocab_size=4096)
+    assert "vocab 4,096" in report and "647.49K (647,488)" in report
+    assert "micro-batch 4 × dp 2 × 2 grad-accumulation" in report
+
+
+def test_dry_run_unreadable_tokenizer_is_a_config_error(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "tiny.yaml", [f"data.tokenizer={tmp_path / 'missing.json'}"])
+    with pytest.raises(KilnConfigError, match="data.tokenizer"):
+        dry_run_report(config, 1)
+
+
+def test_heads_not_divisible_by_tp() -> None:
+    config = load_config(CONFIGS / "llama3-8b.yaml", ["parallel.tp=3"])
+    with pytest.raises(KilnConfigError, match=re.escape("32 / 3")):
+        dry_run_report(config, 48)
+
+
+def test_model_parallel_not_dividing_world() -> None:
+    config = load_config(CONFIGS / "llama3-8b.yaml", ["parallel.tp=3"])
+    with pytest.raises(KilnConfigError, match="does not divide world size 64"):
+        dry_run_report(config, 64)
+    with pytest.raises(KilnConfigError, match=re.escape("tp(8) × pp(4) × cp(1) = 32 does not divide world size 48")):
+        dry_run_report(load_config(CONFIGS / "llama3-70b.yaml"), 48)
+
+
+def test_dry_run_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dry run must not create process groups")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
+    monkeypatch.setattr(torch.distributed, "new_group", refuse)
+    config: RunConfig = load_config(CONFIGS / "llama3-70b.yaml")
+    dry_run_report(config, 64)
+    assert not torch.distributed.is_initialized()

@@ -1,0 +1,90 @@
+"""The train loader in one process: shapes, epochs, resume, world checks."""
+
+import tempfile
+
+import numpy as np
+import pytest
+
+from kiln.data.loader import build_train_loader, dataset_seq_len
+from kiln.data.pack import write_samples_to_mds
+from kiln.errors import KilnDataError
+
+SAMPLE_LEN = 9
+
+
+def make_dataset(path: str, n: int) -> str:
+    """Sample i starts with token i, so a batch's first column names its samples."""
+    samples = (np.concatenate([[i], np.arange(1, SAMPLE_LEN)]).astype(np.uint16) for i in range(n))
+    write_samples_to_mds(samples, path, sample_len=SAMPLE_LEN, vocab_size=4096, size_limit=200,
+                         meta={"eos_id": 0})
+    return path
+
+
+def ids(batch) -> list[int]:
+    return batch["tokens"][:, 0].tolist()
+
+
+@pytest.fixture(autouse=True)
+def single_process(tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    # streaming keeps file locks in the temp dir; keep them out of /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+def test_batches_and_epochs(tmp_path):
+    path = make_dataset(str(tmp_path / "ds"), 22)
+    assert dataset_seq_len(path) == SAMPLE_LEN - 1
+    loader = build_train_loader(path, micro_batch_size=4, seed=3, dp_rank=0, dp_size=1)
+    batches = [next(loader) for _ in range(15)]  # 5 steps per epoch (20 of 22 samples), 3 epochs
+    assert all(b["tokens"].shape == (4, SAMPLE_LEN) for b in batches)
+    epochs = [sorted(i for b in batches[e * 5:(e + 1) * 5] for i in ids(b)) for e in range(3)]
+    for ep in epochs:
+        assert len(set(ep)) == 20 and set(ep) <= set(range(22))  # no repeats within an epoch
+    assert [i for b in batches[:5] for i in ids(b)] != [i for b in batches[5:10] for i in ids(b)]  # reshuffled
+    assert loader.epoch == 3 and loader.batches_in_epoch == 0
+
+
+def test_no_shuffle_is_in_order(tmp_path):
+    path = make_dataset(str(tmp_path / "ds"), 12)
+    loader = build_train_loader(path, micro_batch_size=3, seed=0, shuffle=False, dp_rank=0, dp_size=1)
+    assert [ids(next(loader)) for _ in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_resume_is_exact_and_elastic(tmp_path):
+    path = make_dataset(str(tmp_path / "ds"), 30)
+    ref = build_train_loader(path, micro_batch_size=4, seed=7, dp_rank=0, dp_size=1)
+    ref_steps = [sorted(ids(next(ref))) for _ in range(12)]  # 7 steps per epoch: crosses one
+
+    first = build_train_loader(path, micro_batch_size=4, seed=7, dp_rank=0, dp_size=1)
+    for _ in range(9):
+        next(first)
+    state = first.state_dict()
+    assert state["epoch"] == 1 and state["sample_in_epoch"] == 8
+
+    # Same global batch (4), now as 2 micro-batches of 2: step k = micro-batches 2k, 2k+1.
+    resumed = build_train_loader(path, micro_batch_size=2, seed=7, dp_rank=0, dp_size=1, global_batch_size=4)
+    resumed.load_state_dict(state)
+    got = [sorted(ids(next(resumed)) + ids(next(resumed))) for _ in range(3)]
+    assert got == ref_steps[9:12]
+    with pytest.raises(KilnDataError, match="before the first batch"):
+        resumed.load_state_dict(state)
+
+
+def test_world_mismatch_is_a_clear_error(tmp_path, monkeypatch):
+    path = make_dataset(str(tmp_path / "ds"), 8)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(KilnDataError, match=r"dp_size\(1\) × replication\(1\) = 1"):
+        build_train_loader(path, micro_batch_size=1, seed=0, dp_rank=0, dp_size=1)
+    with pytest.raises(KilnDataError, match="dp_rank=0"):
+        build_train_loader(path, micro_batch_size=1, seed=0, dp_rank=0, dp_size=2, replication=2)
+
+
+def test_bad_arguments(tmp_path):
+    path = make_dataset(str(tmp_path / "ds"), 8)
+    with pytest.raises(KilnDataError, match="global_batch_size"):
+        build_train_loader(path, micro_batch_size=3, seed=0, dp_rank=0, dp_size=1, global_batch_size=4)
+    with pytest.raises(KilnDataError, match="index.json"):
+        build_train_loader(str(tmp_path / "nothing"), micro_batch_size=1, seed=0, dp_rank=0, dp_size=1)
