@@ -67,10 +67,19 @@ def launch_torchrun(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kiln.log import quiet_third_party
+
+    quiet_third_party()  # before megatron-core is first imported
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: LLM pre-training on megatron-core")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    args = parser.parse_args(argv)
+    # Overrides may come after options (`--nproc-per-node 2 optim.lr=1e-3`); argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return {"train": cmd_train}[args.command](args)
     except KilnError as err:

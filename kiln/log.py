@@ -35,6 +35,9 @@ def quiet_third_party() -> None:
     """megatron-core and torch warn about missing optional kernels on every import; kiln says it once."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    # torch says this on every CPU-only import of cpp_extension (megatron-core imports it).
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
     for name in ("megatron", "megatron.core", "torch.distributed", "streaming"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,6 +1,7 @@
 """The bundled dataset: built on demand, cached, safe under concurrent callers."""
 
 import os
+import tempfile
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ from kiln.data.pack import TMP_MARK, is_complete_dataset, read_meta
 @pytest.fixture(autouse=True)
 def cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # streaming's file locks live there
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
 

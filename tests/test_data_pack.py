@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -24,6 +25,12 @@ def read_samples(path: str) -> list[np.ndarray]:
 
     ds = StreamingDataset(local=path, batch_size=1, shuffle=False)
     return [ds[i]["tokens"] for i in range(ds.num_samples)]
+
+
+@pytest.fixture(autouse=True)
+def private_tempdir(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))  # streaming's file locks live there
+    os.makedirs(tmp_path / "t")
 
 
 @pytest.fixture
@@ -76,7 +83,7 @@ def test_pack_refuses_existing_and_overwrites(corpus, tmp_path):
         pack_text_to_mds(corpus, bundled_tokenizer_path(), 8, out)
     stats = pack_text_to_mds(corpus, bundled_tokenizer_path(), 16, out, overwrite=True)
     assert read_meta(out)["seq_len"] == 16 and read_meta(out)["samples"] == stats.samples
-    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt.gz", "ds"]  # no temp dirs left
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt.gz", "ds", "t"]  # no temp dirs left
 
 
 def test_interrupted_write_leaves_nothing(tmp_path):
@@ -89,7 +96,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     out = tmp_path / "ds"
     with pytest.raises(KeyboardInterrupt):
         write_samples_to_mds(samples(), str(out), sample_len=9, vocab_size=4096, size_limit=256)
-    assert not out.exists() and os.listdir(tmp_path) == []
+    assert not out.exists() and os.listdir(tmp_path) == ["t"]
 
 
 def test_leftover_temp_dir_is_not_a_dataset(tmp_path):

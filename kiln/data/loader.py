@@ -19,14 +19,20 @@ Built on mosaicml-streaming. What kiln relies on (checked against streaming 0.13
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import tempfile
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from kiln.data.pack import INDEX_FILE, read_meta
 from kiln.errors import KilnDataError
@@ -74,13 +80,56 @@ def _check_world(dp_rank: int, dp_size: int, replication: int) -> None:
         raise KilnDataError(
             f"data loader: LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']} must be set and divide WORLD_SIZE={world} "
             f"(streaming shares memory between the ranks of one node)")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        got = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        got = (dist.get_rank(), dist.get_world_size())
         if got != (rank, world):
             raise KilnDataError(f"data loader: torch.distributed has (rank, world) = {got} but the env says {(rank, world)}")
 
 
+@contextlib.contextmanager
+def _streaming_registration_lock(timeout_s: float = 600.0) -> Iterator[None]:
+    """Let one job at a time on this machine register streaming's shared memory.
+
+    Every rank of a job picks the first free shared-memory prefix on its own, then the local
+    leader claims it; another job (another run, a test) starting in between makes the ranks
+    disagree ("shared memory registered does not match") or collide. So the local leader takes
+    a machine-wide flock and the job's ranks wait for it at a barrier before constructing; the
+    lock lives in /dev/shm, the namespace being protected, whatever TMPDIR each job has.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    leader = int(os.environ.get("LOCAL_RANK") or 0) == 0
+    lock_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    fd = None
+    try:
+        if leader:
+            fd = os.open(os.path.join(lock_dir, "kiln-streaming-init.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise KilnDataError(f"data loader: waited {timeout_s:.0f}s for {lock_dir}/kiln-streaming-init.lock, "
+                                            f"held by another job building a dataset on this machine") from None
+                    time.sleep(0.05)
+        if distributed:
+            dist.barrier()  # no rank scans for a prefix before its leader holds the lock
+        yield
+        if distributed:
+            dist.barrier()  # the prefix is registered on every rank before the lock goes
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    import torch
+
     tokens = np.stack([s["tokens"] for s in samples]).astype(np.int64)
     return {"tokens": torch.from_numpy(tokens)}  # [micro_batch_size, seq_len + 1]
 
@@ -208,16 +257,17 @@ def build_train_loader(
             log.warning("dataset %s has %d samples, fewer than one global batch (%d): samples repeat", path, n, gbs)
 
     try:
-        dataset = StreamingDataset(
-            **kwargs,
-            batch_size=micro_batch_size,  # streaming cuts each rank's share into batches of this size
-            shuffle=shuffle,
-            shuffle_algo="py1e",
-            shuffle_seed=seed,
-            num_canonical_nodes=num_canonical_nodes,
-            partition_algo="orig",
-            replication=replication if replication > 1 else None,
-        )
+        with _streaming_registration_lock():
+            dataset = StreamingDataset(
+                **kwargs,
+                batch_size=micro_batch_size,  # streaming cuts each rank's share into batches of this size
+                shuffle=shuffle,
+                shuffle_algo="py1e",
+                shuffle_seed=seed,
+                num_canonical_nodes=num_canonical_nodes,
+                partition_algo="orig",
+                replication=replication if replication > 1 else None,
+            )
     except ValueError as e:
         if "Reused local directory" in str(e):
             raise KilnDataError(

@@ -63,7 +63,7 @@ class WandbLogger(Callback):
             config=config,
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
-        log.info(f"W&B {mode}: {self.run.dir}" + (" (upload later with `wandb sync`)" if mode == "offline" else ""))
+        log.info(f"W&B {mode}: {Path(self.run.dir).parent}" + (" (upload later with `wandb sync`)" if mode == "offline" else ""))
 
     def on_log(self, m: dict[str, Any]) -> None:
         self.run.log({f"train/{k}": v for k, v in m.items() if k != "step"}, step=m["step"])

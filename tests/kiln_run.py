@@ -1,0 +1,31 @@
+"""Run the `kiln` CLI exactly as a user would, in a subprocess, and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def kiln(*args: str, cache_dir: Path | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    if cache_dir is not None:
+        env["KILN_CACHE_DIR"] = str(cache_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kiln {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def train(run_dir: Path, nproc: int, *overrides: str, cache_dir: Path, config: str = TINY) -> list[dict]:
+    """Train with `kiln train --nproc-per-node N` and return the metrics.jsonl records."""
+    kiln("train", config, "--nproc-per-node", str(nproc), f"train.run_dir={run_dir}", *overrides, cache_dir=cache_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
