@@ -114,6 +114,10 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp"):
             _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dp is None or self.dp >= 1, f"parallel.dp must be >= 1 (or omitted), got {self.dp}")
+        _check(
+            self.cp == 1,
+            f"parallel.cp={self.cp}: context parallelism is not available in this version of kiln yet; set parallel.cp=1",
+        )
         if self.virtual_pp is not None:
             _check(self.virtual_pp >= 1, f"parallel.virtual_pp must be >= 1, got {self.virtual_pp}")
             _check(
