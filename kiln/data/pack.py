@@ -189,7 +189,9 @@ def pack_text_to_mds(
     def samples() -> Iterator[np.ndarray]:
         buf = np.zeros(0, dtype=np.int64)
         for batch in docs_in_batches():
-            ids = tok.encode_batch(batch)  # tokenizers parallelises the batch in Rust
+            # tokenizers parallelises the batch in Rust. A literal "<|endoftext|>" in the text
+            # also becomes EOS, as in GPT-2 style pipelines; the bundled corpus has none.
+            ids = tok.encode_batch(batch)
             counts["documents"] += len(ids)
             flat = np.fromiter((t for doc in ids for t in (*doc, tok.eos_id)), dtype=np.int64)
             counts["tokens"] += len(flat)

@@ -38,6 +38,7 @@ def build_batches(config: RunConfig, ctx) -> tuple[Iterator[dict[str, torch.Tens
         dp_size=layout.dp,
         replication=layout.replica_size,
         num_workers=config.data.num_workers,
+        global_batch_size=config.train.global_batch_size,
     )
     if ctx.rank == 0:
         log.info(f"data: {path} (seq_len {seq_len}, {layout.dp} data-parallel replica(s))")
