@@ -17,7 +17,7 @@ from kiln.config import RunConfig
 from kiln.kernels.spec import select_layer_spec
 from kiln.model.init import init_weights
 from kiln.parallel.backend import ParallelContext
-from kiln.plan.params import padded_vocab_size
+from kiln.plan.params import count_parameters, human_exact, padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ def build_model(config: RunConfig, ctx: ParallelContext, vocab_size: int, tconfi
         model.to(ctx.device)
         init_weights(model, config.model, ctx, seed=config.train.seed)
         models.append(model)
-    n_local = sum(p.numel() for m in models for p in m.parameters())
-    log.info("model chunk(s) on this rank: %d, local parameters %s", len(models), f"{n_local:,}")
+    if ctx.rank == 0:
+        total = count_parameters(config.model, vocab_size, tp=layout.tp)
+        log.info(f"model: {human_exact(total.total)} parameters, {len(models)} chunk(s) per rank, "
+                 f"{config.train.precision}")
     return models

@@ -35,28 +35,6 @@ class ParallelContext:
     def coords(self) -> dict[str, int]:
         return self.layout.coords(self.rank)
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.coords["pp"] == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.coords["pp"] == self.layout.pp - 1
-
-    @property
-    def dp_group(self):
-        return self.pg_collection.dp
-
-    @property
-    def is_logging_rank(self) -> bool:
-        """The rank that prints metrics: tp 0, cp 0, dp 0 of the last stage (it has the loss)."""
-        c = self.coords
-        return c["tp"] == 0 and c["cp"] == 0 and c["dp"] == 0 and self.is_last_stage
-
-    @property
-    def logging_rank(self) -> int:
-        return (self.layout.pp - 1) * self.layout.tp * self.layout.cp
-
 
 def resolve_device(requested: str) -> str:
     """'auto' → 'cuda' if a GPU is visible, else 'cpu'; 'cuda' without a GPU is an error."""
@@ -78,17 +56,16 @@ def init_parallel(config: RunConfig) -> ParallelContext:
 
         cpu_emulation.install()
 
-    if not dist.is_initialized():
-        _init_default_group(device_type)
-    rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    layout = ParallelLayout.from_config(config, world)
-
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank)  # before NCCL init, so each rank's communicator binds its own GPU
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if not dist.is_initialized():
+        _init_default_group(device_type)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = ParallelLayout.from_config(config, world)
 
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
