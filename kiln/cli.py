@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+from kiln.data.prepare.cli import add_data_parser
 from kiln.errors import KilnError
 
 EXIT_CONFIG_ERROR = 2
@@ -73,15 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: LLM pre-training on megatron-core")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    add_data_parser(sub)
     # Overrides may come after options (`--nproc-per-node 2 optim.lr=1e-3`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
-    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or args.command != "train"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        return {"train": cmd_train}[args.command](args)
+        handler = getattr(args, "handler", None) or {"train": cmd_train}[args.command]  # data commands set a handler
+        return handler(args)
     except KilnError as err:
         print(f"kiln: error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -1,0 +1,62 @@
+"""Replace e-mail addresses, phone numbers and IP addresses with placeholders.
+
+Regexes find candidates; phone numbers and IPv6 addresses are then validated (digit count,
+``ipaddress``) so that dates, version strings, clock times and grouped numbers survive. A cheap
+substring test skips each regex for documents that cannot match ('@' for e-mail, ...).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+
+from kiln.data.prepare.config import PiiConfig
+
+EMAIL = "<EMAIL>"
+PHONE = "<PHONE>"
+IP_ADDRESS = "<IP_ADDRESS>"
+
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
+# Optional +country code, optional (area), then groups of digits joined by one separator each.
+_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w]|[.-]\d)")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+
+
+def _phone(m: re.Match, counts: Counter) -> str:
+    s = m.group(0)
+    digits = sum(c.isdigit() for c in s)
+    # Grouped numbers ("10 000 000"), dates and short codes have fewer digits, or no separator
+    # pattern of a phone number; 10 to 15 digits is the E.164 range for national numbers.
+    if 10 <= digits <= 15 or (s.startswith("+") and 8 <= digits <= 15):
+        counts["phone"] += 1
+        return PHONE
+    return s
+
+
+def _ipv6(m: re.Match, counts: Counter) -> str:
+    s = m.group(0)
+    try:
+        ipaddress.IPv6Address(s)
+    except ValueError:  # clock times (12:30:45), C++ scopes (a::b) are not addresses
+        return s
+    counts["ip"] += 1
+    return IP_ADDRESS
+
+
+def scrub(text: str, cfg: PiiConfig, counts: Counter) -> str:
+    """``text`` with personal data replaced; ``counts`` gains one per replacement, by kind."""
+    if cfg.email and "@" in text:
+        text, k = _EMAIL.subn(EMAIL, text)
+        counts["email"] += k
+    if cfg.ip:
+        if "." in text:
+            text, k = _IPV4.subn(IP_ADDRESS, text)
+            counts["ip"] += k
+        if "::" in text or text.count(":") >= 7:
+            text = _IPV6.sub(lambda m: _ipv6(m, counts), text)
+    if cfg.phone:
+        text = _PHONE.sub(lambda m: _phone(m, counts), text)
+    return text
