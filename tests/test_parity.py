@@ -29,14 +29,26 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("kiln-cache")
 
 
+# Model variants a layout is compared under; each gets its single-process baseline once.
+MODELS = {
+    "2 layers": (),
+    "4 layers": ("model.num_layers=4",),
+    "tied embeddings": ("model.tie_embeddings=true",),
+}
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, cache_dir):
-    """Single process, 2 layers (and a 4-layer baseline for the interleaved pipeline)."""
-    root = tmp_path_factory.mktemp("baseline")
-    return {
-        2: train(root / "l2", 1, *COMMON, cache_dir=cache_dir),
-        4: train(root / "l4", 1, *COMMON, "model.num_layers=4", cache_dir=cache_dir),
-    }
+    """Single-process runs, computed on first use per model variant."""
+    runs: dict[str, list[dict]] = {}
+
+    def get(model: str) -> list[dict]:
+        if model not in runs:
+            root = tmp_path_factory.mktemp("baseline")
+            runs[model] = train(root / "run", 1, *COMMON, *MODELS[model], cache_dir=cache_dir)
+        return runs[model]
+
+    return get
 
 
 def _assert_same_losses(reference: list[dict], candidate: list[dict]) -> None:
@@ -48,20 +60,22 @@ def _assert_same_losses(reference: list[dict], candidate: list[dict]) -> None:
 
 
 def test_baseline_learns(baseline):
-    losses = [m["loss"] for m in baseline[2]]
+    losses = [m["loss"] for m in baseline("2 layers")]
     assert losses[-1] < losses[0], losses
 
 
 @pytest.mark.parametrize(
-    "name,overrides,layers",
+    "name,model,layout",
     [
-        ("tp2", ("parallel.tp=2",), 2),
-        ("pp2", ("parallel.pp=2",), 2),
-        ("dp2", (), 2),
-        ("dp2-distributed-optimizer", ("optim.distributed_optimizer=true",), 2),
-        ("pp2-interleaved", ("parallel.pp=2", "parallel.virtual_pp=2", "model.num_layers=4"), 4),
+        ("tp2", "2 layers", ("parallel.tp=2",)),
+        ("pp2", "2 layers", ("parallel.pp=2",)),
+        ("dp2", "2 layers", ()),
+        ("dp2-distributed-optimizer", "2 layers", ("optim.distributed_optimizer=true",)),
+        ("pp2-interleaved", "4 layers", ("parallel.pp=2", "parallel.virtual_pp=2")),
+        # The last stage holds its own copy of a tied embedding, kept in sync over the embedding group.
+        ("pp2-tied-embeddings", "tied embeddings", ("parallel.pp=2",)),
     ],
 )
-def test_two_process_layout_matches_single_process(name, overrides, layers, baseline, tmp_path, cache_dir):
-    metrics = train(tmp_path / name, 2, *COMMON, *overrides, cache_dir=cache_dir)
-    _assert_same_losses(baseline[layers], metrics)
+def test_two_process_layout_matches_single_process(name, model, layout, baseline, tmp_path, cache_dir):
+    metrics = train(tmp_path / name, 2, *COMMON, *MODELS[model], *layout, cache_dir=cache_dir)
+    _assert_same_losses(baseline(model), metrics)
