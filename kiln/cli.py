@@ -43,9 +43,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dry_run_report(config, args.world_size or args.nproc_per_node or 1))
         return 0
     if args.nproc_per_node and not _inside_torchrun():
+        from kiln.data.setup import check_data
         from kiln.parallel.layout import ParallelLayout
 
-        ParallelLayout.from_config(config, args.nproc_per_node)  # a broken layout stops here, before any process starts
+        # A broken layout, tokenizer or dataset stops here, before any process starts.
+        ParallelLayout.from_config(config, args.nproc_per_node)
+        check_data(config)
         return launch_torchrun(args)
     from kiln.train import run
 

@@ -65,3 +65,10 @@ def test_bf16_run(tmp_path):
                     "logging.wandb=disabled", "train.global_batch_size=4", cache_dir=tmp_path / "cache")
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
     assert json.dumps(metrics)  # plain JSON values
+
+
+def test_missing_dataset_stops_before_starting_processes(tmp_path):
+    result = kiln("train", TINY, "--nproc-per-node", "2", f"data.path={tmp_path / 'nowhere'}", check=False)
+    assert result.returncode == 2
+    assert "is not a kiln dataset" in result.stderr and "kiln data prepare" in result.stderr
+    assert "run directory" not in result.stdout  # nothing was started

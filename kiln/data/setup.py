@@ -13,21 +13,32 @@ from kiln.errors import KilnDataError
 log = logging.getLogger("kiln")
 
 
+def check_data(config: RunConfig) -> int:
+    """Fail fast, before any process starts: the tokenizer and a local dataset must be readable
+    and agree with the model. Returns the vocabulary size."""
+    from kiln.data.loader import dataset_seq_len
+    from kiln.plan.dry_run import resolve_vocab_size
+
+    vocab_size = resolve_vocab_size(config)
+    path = config.data.path
+    if path and "://" not in path:
+        stored = dataset_seq_len(path)
+        if stored != config.model.seq_len:
+            raise KilnDataError(
+                f"dataset {path} holds samples of {stored} tokens but model.seq_len is {config.model.seq_len}; "
+                f"set model.seq_len={stored} or prepare the data again with --seq-len {config.model.seq_len}"
+            )
+    return vocab_size
+
+
 def build_batches(config: RunConfig, ctx) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
     """Micro-batches for this rank (shared by its whole data-parallel replica), and the vocab size."""
     from kiln.data.bundled import ensure_bundled_dataset
-    from kiln.data.loader import build_train_loader, dataset_seq_len
-    from kiln.plan.dry_run import resolve_vocab_size
+    from kiln.data.loader import build_train_loader
 
+    vocab_size = check_data(config)
     seq_len = config.model.seq_len
     path = config.data.path or ensure_bundled_dataset(seq_len)
-    if "://" not in path:
-        stored = dataset_seq_len(path)
-        if stored != seq_len:
-            raise KilnDataError(
-                f"dataset {path} holds samples of {stored} tokens but model.seq_len is {seq_len}; "
-                f"set model.seq_len={stored} or prepare the data again with --seq-len {seq_len}"
-            )
     layout, coords = ctx.layout, ctx.coords
     loader = build_train_loader(
         path,
@@ -42,4 +53,4 @@ def build_batches(config: RunConfig, ctx) -> tuple[Iterator[dict[str, torch.Tens
     )
     if ctx.rank == 0:
         log.info(f"data: {path} (seq_len {seq_len}, {layout.dp} data-parallel replica(s))")
-    return iter(loader), resolve_vocab_size(config)
+    return iter(loader), vocab_size

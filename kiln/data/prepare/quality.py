@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import regex
 
 from kiln.data.prepare.config import QualityConfig
 from kiln.data.prepare.text import WordTable
@@ -18,9 +19,8 @@ from kiln.data.prepare.text import WordTable
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "-", "*", "‣", "●", "◦", "▪", "⁃", "–")
 ELLIPSES = ("...", "…")
-# A whitespace-delimited word that holds a letter: \S* around one letter, greedy, so each match
-# is one whole word (counting matches counts words, in C).
-_ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")
+# A whitespace-delimited word without any letter; prose has few, so findall allocates little.
+_NON_ALPHA_WORD = regex.compile(r"(?<!\S)[^\s\p{L}]+(?!\S)")
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 
 # Order of the checks: the first failing one names the drop reason.
@@ -65,7 +65,7 @@ def _simple_reason(doc: str, words: list[str], cfg: QualityConfig) -> str | None
         return "bullet_lines"
     if sum(line.endswith(ELLIPSES) for line in lines) / n_lines > cfg.max_ellipsis_lines_frac:
         return "ellipsis_lines"
-    if n and len(_ALPHA_WORD.findall(doc)) / n < cfg.min_alpha_words_frac:
+    if n and (n - len(_NON_ALPHA_WORD.findall(doc))) / n < cfg.min_alpha_words_frac:
         return "alpha_words"
     if cfg.min_stop_words and len(STOP_WORDS.intersection(words)) < cfg.min_stop_words:
         return "stop_words"
@@ -116,7 +116,9 @@ def _ngram_fractions(table: WordTable) -> dict[str, np.ndarray]:
             key = h ^ (table.doc[cand].astype(np.uint64) * _DOC_MIX)
             frac = np.zeros(n_docs)
             if len(cand):
-                _, first, inv, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+                # return_index (the first occurrence) needs a stable sort; only dup-n uses it.
+                _, *rest = np.unique(key, return_index=n > 4, return_inverse=True, return_counts=True)
+                first, inv, counts = rest if n > 4 else (None, *rest)
                 c = counts[inv]
                 if n <= 4:
                     chars = cs[cand + n] - cs[cand]
