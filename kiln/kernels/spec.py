@@ -2,7 +2,8 @@
 
 TE's spec (fused RMSNorm+linear, FlashAttention/cuDNN attention, FP8-capable GEMMs) is used
 when TE imports and a GPU is present; everywhere else the local spec runs the same
-architecture in plain PyTorch. The fallback is announced once, never silent.
+architecture in plain PyTorch, with attention through PyTorch SDPA (kiln.kernels.attention).
+The fallback is announced once, never silent.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def select_layer_spec(device_type: str):
     if device_type == "cuda" and transformer_engine_available():
         log.info("kernels: Transformer Engine layer spec")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from kiln.kernels.attention import SDPAttention
+
     reason = "no GPU" if device_type != "cuda" else "transformer-engine is not installed (pip install 'kiln[gpu]')"
-    log.info("kernels: megatron-core local layer spec (%s)", reason)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    log.info("kernels: megatron-core local layer spec with PyTorch SDPA attention (%s)", reason)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
