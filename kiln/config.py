@@ -398,18 +398,24 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
     return _build(RunConfig, raw, "")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply dotted overrides, and validate everything."""
+def read_yaml_mapping(path: str | Path, what: str = "config file", hint: str = "") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every failure is a KilnConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise KilnConfigError(f"config file {path} does not exist (shipped configs are in configs/)")
+        raise KilnConfigError(f"{what} {path} does not exist{hint}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise KilnConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise KilnConfigError(f"{what} {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise KilnConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
-    raw.setdefault("name", path.stem)
+        raise KilnConfigError(f"{what} {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, and validate everything."""
+    raw = read_yaml_mapping(path, hint=" (shipped configs are in configs/)")
+    raw.setdefault("name", Path(path).stem)
     return config_from_dict(raw, overrides)
 
 

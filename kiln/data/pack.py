@@ -48,16 +48,21 @@ def iter_documents(text_files: list[str]) -> Iterator[str]:
     context, short enough that a sample sees several EOS boundaries at small seq_len.
     """
     for path in text_files:
-        lines: list[str] = []
         with open_text(path) as f:
-            for line in f:
-                if line.strip():
-                    lines.append(line.rstrip("\n"))
-                elif lines:
-                    yield "\n".join(lines)
-                    lines = []
-        if lines:
-            yield "\n".join(lines)
+            yield from iter_blank_line_blocks(f)
+
+
+def iter_blank_line_blocks(lines: Iterable[str]) -> Iterator[str]:
+    """Blank-line separated blocks of ``lines``, each without trailing newlines."""
+    block: list[str] = []
+    for line in lines:
+        if line.strip():
+            block.append(line.rstrip("\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
 
 
 def is_complete_dataset(path: str) -> bool:

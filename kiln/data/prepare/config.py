@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from kiln.config import _build, _check
+from kiln.config import _build, _check, read_yaml_mapping
 from kiln.errors import KilnConfigError
 
 
@@ -186,15 +183,7 @@ def load_prepare_config(path: str | None, *, seq_len: int | None = None, dedup: 
     """Read the YAML file (if any), apply the command-line flags, validate."""
     raw: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise KilnConfigError(f"prepare config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise KilnConfigError(f"prepare config file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise KilnConfigError(f"prepare config file {path} must hold a mapping of sections")
+        raw = read_yaml_mapping(path, what="prepare config file")
     if seq_len is not None:
         raw["pack"] = {**(raw.get("pack") or {}), "seq_len": seq_len}
     if dedup is not None:

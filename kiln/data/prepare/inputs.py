@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from kiln.data.pack import iter_blank_line_blocks
 from kiln.data.prepare.config import InputConfig
 from kiln.errors import KilnDataError
 
@@ -150,15 +151,7 @@ def _read_text(chunk: Chunk) -> str:
 
 def _iter_blocks(text: str) -> Iterator[str]:
     """Blank-line separated blocks, exactly as :func:`kiln.data.pack.iter_documents` cuts them."""
-    lines: list[str] = []
-    for line in io.StringIO(text):
-        if line.strip():
-            lines.append(line.rstrip("\n"))
-        elif lines:
-            yield "\n".join(lines)
-            lines = []
-    if lines:
-        yield "\n".join(lines)
+    return iter_blank_line_blocks(io.StringIO(text))
 
 
 def _iter_jsonl(text: str, chunk: Chunk, field: str) -> Iterator[str]:

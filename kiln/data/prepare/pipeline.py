@@ -215,7 +215,8 @@ def prepare(inputs: list[str], out: str, tokenizer: str, cfg: PrepareConfig, *, 
     tok_sha = file_sha256(tokenizer)
     fp = fingerprint(paths, tok_sha, cfg)
     work = os.path.join(parent, f".{name}.kiln-prepare")
-    with open(os.path.join(parent, f".{name}.kiln-prepare.lock"), "a+") as lock:
+    lock_path = os.path.join(parent, f".{name}.kiln-prepare.lock")
+    with open(lock_path, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -288,6 +289,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str, cfg: PrepareConfig, *, 
             os.rename(out, old)
         os.rename(staging, out)
         shutil.rmtree(work, ignore_errors=True)
+        os.remove(lock_path)  # still held: a rival run fails on LOCK_NB rather than waiting on it
     log.info("prepared %s: %d documents kept of %d, %d tokens, %d samples", out, stats["documents_kept"],
              stats["documents_in"], stats["tokens"], n_samples)
     return stats

@@ -92,7 +92,7 @@ def process_chunk(chunk: Chunk) -> tuple[int, dict]:
     arrays["doc_tokens"] = lengths
     arrays["doc_bytes"] = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
     stats = {"documents_in": len(raw), "documents_kept": len(texts), "bytes_in": bytes_in, "input_bytes": chunk.nbytes,
-             "dropped": dict(dropped), "pii": dict(pii), "fim": dict(fim), "seconds": time.perf_counter() - t0}
+             "dropped": dict(dropped), "pii": {k: v for k, v in pii.items() if v}, "fim": dict(fim), "seconds": time.perf_counter() - t0}
     arrays["stats"] = np.array(json.dumps(stats))
 
     final = result_path(_STATE["chunks_dir"], chunk.index)
