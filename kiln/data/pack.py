@@ -65,6 +65,35 @@ def iter_blank_line_blocks(lines: Iterable[str]) -> Iterator[str]:
         yield "\n".join(block)
 
 
+class SamplePacker:
+    """Cuts a token stream into samples of ``seq_len + 1`` tokens overlapping by one token.
+
+    Token i+1 of a sample is the label of token i, so the last token of one sample is the
+    first input of the next and no token boundary goes untrained.
+    """
+
+    def __init__(self, seq_len: int, dtype: np.dtype) -> None:
+        self.seq_len, self.dtype = seq_len, dtype
+        self.buffer = np.zeros(0, dtype=np.int64)
+        self.tokens_in = 0
+
+    def feed(self, tokens: np.ndarray) -> Iterator[np.ndarray]:
+        self.tokens_in += len(tokens)
+        buf = np.concatenate([self.buffer, tokens])
+        sample_len = self.seq_len + 1
+        n = (len(buf) - 1) // self.seq_len if len(buf) >= sample_len else 0
+        for i in range(n):
+            yield buf[i * self.seq_len: i * self.seq_len + sample_len].astype(self.dtype)
+        self.buffer = buf[n * self.seq_len:]
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Tokens in no sample: the tail shorter than a sample (the overlap token is not dropped)."""
+        if self.tokens_in >= self.seq_len + 1:
+            return max(len(self.buffer) - 1, 0)
+        return len(self.buffer)
+
+
 def is_complete_dataset(path: str) -> bool:
     """True when ``path`` is a finished dataset (written by the atomic rename)."""
     return os.path.isfile(os.path.join(path, INDEX_FILE)) and os.path.isfile(os.path.join(path, META_FILE))
@@ -192,7 +221,7 @@ def pack_text_to_mds(
             yield batch
 
     def samples() -> Iterator[np.ndarray]:
-        buf = np.zeros(0, dtype=np.int64)
+        packer = SamplePacker(seq_len, dtype)
         for batch in docs_in_batches():
             # tokenizers parallelises the batch in Rust. A literal "<|endoftext|>" in the text
             # also becomes EOS, as in GPT-2 style pipelines; the bundled corpus has none.
@@ -200,13 +229,8 @@ def pack_text_to_mds(
             counts["documents"] += len(ids)
             flat = np.fromiter((t for doc in ids for t in (*doc, tok.eos_id)), dtype=np.int64)
             counts["tokens"] += len(flat)
-            buf = np.concatenate([buf, flat])
-            n = (len(buf) - 1) // seq_len if len(buf) >= sample_len else 0
-            for i in range(n):
-                yield buf[i * seq_len: i * seq_len + sample_len].astype(dtype)
-            buf = buf[n * seq_len:]
-        # The last written sample's final token is still in buf (the one-token overlap).
-        counts["dropped"] = max(len(buf) - 1, 0) if counts["tokens"] >= sample_len else len(buf)
+            yield from packer.feed(flat)
+        counts["dropped"] = packer.dropped_tokens
 
     meta = {
         "eos_id": tok.eos_id,

@@ -130,7 +130,3 @@ def install() -> None:
     _CudaToCpuMode().__enter__()
     _installed = True
     log.info("CUDA is absent: megatron-core runs on CPU with gloo (kiln CPU emulation)")
-
-
-def is_installed() -> bool:
-    return _installed

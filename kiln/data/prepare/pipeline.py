@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from kiln.data.pack import TMP_MARK, is_complete_dataset, token_dtype, write_samples_to_mds
+from kiln.data.pack import TMP_MARK, SamplePacker, is_complete_dataset, token_dtype, write_samples_to_mds
 from kiln.data.prepare.config import PrepareConfig
 from kiln.data.prepare.dedup import decide_exact, decide_near
 from kiln.data.prepare.inputs import Chunk, expand_inputs, plan_chunks
@@ -127,8 +127,7 @@ def _dedup(chunks: list[Chunk], chunks_dir: str, cfg: PrepareConfig, counts: lis
 def _samples(chunks: list[Chunk], chunks_dir: str, keep: np.ndarray, counts: list[int], seq_len: int, eos: int,
              dtype: np.dtype, totals: dict) -> Iterator[np.ndarray]:
     """The packing of :func:`kiln.data.pack.pack_text_to_mds`: documents + EOS, samples of seq_len + 1, stride seq_len."""
-    sample_len = seq_len + 1
-    buf = np.zeros(0, dtype=np.int64)
+    packer = SamplePacker(seq_len, dtype)
     offset = 0
     for c, n in zip(chunks, counts):
         r = load_result(chunks_dir, c.index, ("tokens", "doc_tokens", "doc_bytes"))
@@ -145,12 +144,8 @@ def _samples(chunks: list[Chunk], chunks_dir: str, keep: np.ndarray, counts: lis
             continue
         flat = np.concatenate(parts).astype(np.int64)
         totals["tokens"] += len(flat)
-        buf = np.concatenate([buf, flat])
-        m = (len(buf) - 1) // seq_len if len(buf) >= sample_len else 0
-        for i in range(m):
-            yield buf[i * seq_len: i * seq_len + sample_len].astype(dtype)
-        buf = buf[m * seq_len:]
-    totals["dropped_tail_tokens"] = max(len(buf) - 1, 0) if totals["tokens"] >= sample_len else len(buf)
+        yield from packer.feed(flat)
+    totals["dropped_tail_tokens"] = packer.dropped_tokens
 
 
 def _summarise(chunk_stats: list[dict], dedup_dropped: Counter, totals: dict, samples: int, wall: float,
