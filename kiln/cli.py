@@ -5,19 +5,27 @@
 Under torchrun (or Slurm's srun with torchrun) it trains on the world it is given. Run directly
 with ``--nproc-per-node N`` it validates the config, then starts torchrun itself (the elastic
 agent included), so the same command works on a laptop and in a Slurm step.
+
+Exit codes: 0 done; 2 bad config, data or checkpoint (nothing started); 75 stopped by
+SIGTERM/SIGUSR1 after saving a checkpoint (relaunch to continue); anything else: a failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 from kiln.data.prepare.cli import add_data_parser
-from kiln.errors import KilnError
+from kiln.errors import KilnConfigError, KilnError
 
 EXIT_CONFIG_ERROR = 2
+PREEMPTED_MARKER = "preempted.json"
 
 
 def _train_parser(sub) -> None:
@@ -27,15 +35,32 @@ def _train_parser(sub) -> None:
     p.add_argument("--nproc-per-node", type=int, default=None, help="start torchrun with N worker processes on this node")
     p.add_argument("--dry-run", action="store_true", help="validate and print the layout and parameter counts; start nothing")
     p.add_argument("--world-size", type=int, default=None, help="world size for --dry-run (default: --nproc-per-node or 1)")
+    p.add_argument("--resume-from", default=None, metavar="PATH",
+                   help="start from this checkpoint (step dir or checkpoint dir) if the run has none of its own")
+    p.add_argument("--no-resume", action="store_true", help="do not resume from checkpoints in the run directory")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts the workers up to N times after a failure")
+    p.add_argument("--nnodes", default=None, help="nodes, N or MIN:MAX (multi-node: also --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="c10d rendezvous of a multi-node run")
+    p.add_argument("--rdzv-id", default=None, help="rendezvous id shared by the nodes (default: $SLURM_JOB_ID)")
 
 
 def _inside_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
+def _checkpoint_overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.resume_from:
+        extra.append(f"checkpoint.resume_from={args.resume_from}")
+    if args.no_resume:
+        extra.append("checkpoint.resume=false")
+    return extra
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from kiln.config import load_config
 
+    args.overrides = [*args.overrides, *_checkpoint_overrides(args)]
     config = load_config(args.config, args.overrides)
     if args.dry_run:
         from kiln.plan.dry_run import dry_run_report
@@ -47,27 +72,77 @@ def cmd_train(args: argparse.Namespace) -> int:
         from kiln.parallel.layout import ParallelLayout
 
         # A broken layout, tokenizer or dataset stops here, before any process starts.
-        ParallelLayout.from_config(config, args.nproc_per_node)
+        nodes = int(str(args.nnodes or 1).split(":")[-1])
+        ParallelLayout.from_config(config, args.nproc_per_node * nodes)
         check_data(config)
-        return launch_torchrun(args)
-    from kiln.train import run
+        if not config.train.run_dir:  # fixed here so every restart of the workers finds the same run
+            from kiln.train import default_run_dir
 
-    run(config)
+            args.overrides.append(f"train.run_dir={default_run_dir(config)}")
+            config.train.run_dir = args.overrides[-1].split("=", 1)[1]
+        return launch_torchrun(args, config)
+    from kiln.train import run
+    from kiln.trainer.preemption import EXIT_PREEMPTED, TrainingPreempted
+
+    try:
+        run(config)
+    except TrainingPreempted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            marker = {"step": stop.step, "signal": signal.Signals(stop.signum).name,
+                      "launch_id": os.environ.get("KILN_LAUNCH_ID")}
+            (Path(config.train.run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
+        print(f"kiln: {stop}; relaunch the same command to continue", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
-def launch_torchrun(args: argparse.Namespace) -> int:
-    """Re-run this command under torchrun's elastic agent on a single node."""
+def launch_torchrun(args: argparse.Namespace, config) -> int:
+    """Re-run this command under torchrun's elastic agent; forward stop signals to it.
+
+    torchrun is told to handle SIGUSR1 as well as SIGTERM (by default it dies on SIGUSR1,
+    orphaning the workers) and to give the workers ``checkpoint.signal_timeout_s`` to save.
+    """
+    from kiln.trainer.preemption import EXIT_PREEMPTED, STOP_SIGNALS
+
     nproc = args.nproc_per_node
+    if args.nnodes:
+        if not args.rdzv_endpoint:
+            raise KilnConfigError("--nnodes needs --rdzv-endpoint HOST:PORT (the first node's address, e.g. "
+                                  "$(scontrol show hostnames $SLURM_NODELIST | head -n1):29500)")
+        rdzv_id = args.rdzv_id or os.environ.get("SLURM_JOB_ID") or "kiln"
+        where = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                 f"--rdzv-id={rdzv_id}"]
+    else:
+        where = ["--standalone"]
     command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc-per-node={nproc}",
+        sys.executable, "-m", "torch.distributed.run", *where,
+        f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts}",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown-timeout={config.checkpoint.signal_timeout_s}",
         "-m", "kiln.cli", "train", args.config, *args.overrides,
     ]
-    env = dict(os.environ)
+    launch_id = uuid.uuid4().hex
+    env = dict(os.environ, KILN_LAUNCH_ID=launch_id)
     # Share the cores between workers instead of letting each spawn a thread per core.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(command, env=env)
+    agent = subprocess.Popen(command, env=env)
+    def forward(signum, frame):
+        agent.send_signal(signum)  # the agent passes it to the workers and waits for their save
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        code = agent.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    marker = Path(config.train.run_dir) / PREEMPTED_MARKER
+    if code != 0 and marker.exists():
+        try:
+            if json.loads(marker.read_text()).get("launch_id") == launch_id:
+                return EXIT_PREEMPTED
+        except (json.JSONDecodeError, OSError):
+            pass
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,28 +221,33 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
-    """Checkpoint cadence and retention (the checkpoint manager lands with its own issue)."""
+    """Sharded checkpoints (torch DCP format): cadence, retention, resume (see kiln.checkpoint)."""
 
     every: int = 0
-    """Save every N steps; 0 disables saving."""
+    """Save every N steps (and at the last step); 0 disables periodic saving."""
     dir: str | None = None
     """Checkpoint directory; None means <train.run_dir>/checkpoints."""
     keep_last: int = 3
     """Keep the newest K checkpoints."""
     keep_every: int = 0
-    """Also keep every N-th step's checkpoint forever; 0 disables."""
+    """Also keep every checkpoint whose step is a multiple of N, forever; 0 disables."""
     async_save: bool = True
     """Write in the background while training goes on (YAML key: async)."""
+    resume: bool = True
+    """Resume from the newest good checkpoint in `dir` when there is one (`--no-resume` sets false)."""
+    resume_from: str | None = None
+    """Start from this checkpoint (a step directory or a checkpoint directory) when `dir` has none."""
+    verify_checksums: bool = True
+    """On load, check every file's CRC32 against the manifest (sizes are always checked)."""
+    signal_timeout_s: int = 600
+    """`kiln train` gives workers this long to save after SIGTERM/SIGUSR1 before killing them."""
+    save_on_signal: bool = True
+    """SIGTERM/SIGUSR1 (preemption, time limit): finish the step, save, exit with code 75."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, f"checkpoint.every must be >= 0 (0 disables), got {self.every}")
         _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
         _check(self.keep_every >= 0, f"checkpoint.keep_every must be >= 0, got {self.keep_every}")
-        _check(
-            self.every == 0,
-            f"checkpoint.every={self.every}: saving checkpoints is not available in this version of kiln yet; "
-            "set checkpoint.every=0",
-        )
 
 
 @dataclass(kw_only=True, slots=True)

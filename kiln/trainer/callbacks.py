@@ -48,9 +48,13 @@ class JsonlLogger(Callback):
 
 
 class WandbLogger(Callback):
-    """W&B run in the run directory; offline mode needs no network and no API key."""
+    """W&B run in the run directory; offline mode needs no network and no API key.
 
-    def __init__(self, mode: str, project: str, entity: str | None, name: str, run_dir: Path, config: dict) -> None:
+    Resumed runs pass the checkpoint's run id, so the dashboard shows one continuous run.
+    """
+
+    def __init__(self, mode: str, project: str, entity: str | None, name: str, run_dir: Path, config: dict,
+                 run_id: str | None = None) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -61,6 +65,8 @@ class WandbLogger(Callback):
             name=name,
             dir=str(run_dir),
             config=config,
+            id=run_id,  # the checkpoint keeps it: a resumed run continues the same W&B run
+            resume="allow",
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
         log.info(f"W&B {mode}: {Path(self.run.dir).parent}" + (" (upload later with `wandb sync`)" if mode == "offline" else ""))

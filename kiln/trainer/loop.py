@@ -41,6 +41,9 @@ class Trainer:
         callbacks: list[Callback],
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        checkpointer=None,
+        preemption=None,
+        wandb_run_id: str | None = None,
     ) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -53,7 +56,10 @@ class Trainer:
         self.forward_backward = get_forward_backward_func(
             pp_size=ctx.layout.pp, vp_size=ctx.layout.virtual_pp
         )
+        self.checkpointer, self.preemption, self.wandb_run_id = checkpointer, preemption, wandb_run_id
         self.step = 0
+        self.consumed_samples = 0
+        self.consumed_tokens = 0
         self._positions = torch.arange(config.model.seq_len, device=ctx.device).unsqueeze(0)
 
     # -- one step ----------------------------------------------------------------------
@@ -93,6 +99,7 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
+        """Train to ``train.max_steps``; raises TrainingPreempted after a stop signal's save."""
         cfg = self.config.train
         for model in self.models:
             model.train()
@@ -101,22 +108,42 @@ class Trainer:
         while self.step < cfg.max_steps:
             loss_stats, grad_norm = self.train_step()
             self.step += 1
+            self.consumed_samples += cfg.global_batch_size
+            self.consumed_tokens += self.tokens_per_step
             window_steps += 1
-            if self.step % cfg.log_every and self.step != cfg.max_steps:
-                continue
-            if self.ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_time = (time.perf_counter() - window_start) / window_steps
-            # Every last-stage rank holds the same (tp, cp) loss for its replica: summing the
-            # pairs over the world and dividing averages over data-parallel replicas.
-            dist.all_reduce(loss_stats)
-            metrics = self._metrics(float(loss_stats[0] / loss_stats[1]), grad_norm, step_time)
-            history.append(metrics)
-            if self.ctx.rank == 0:
-                for callback in self.callbacks:
-                    callback.on_log(metrics)
-            window_start, window_steps = time.perf_counter(), 0
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self.ctx.device.type == "cuda":
+                    torch.cuda.synchronize()
+                step_time = (time.perf_counter() - window_start) / window_steps
+                # Every last-stage rank holds the same (tp, cp) loss for its replica: summing the
+                # pairs over the world and dividing averages over data-parallel replicas.
+                dist.all_reduce(loss_stats)
+                metrics = self._metrics(float(loss_stats[0] / loss_stats[1]), grad_norm, step_time)
+                history.append(metrics)
+                if self.ctx.rank == 0:
+                    for callback in self.callbacks:
+                        callback.on_log(metrics)
+                window_start, window_steps = time.perf_counter(), 0
+                if self.preemption is not None:
+                    self.preemption.step_time_s = step_time
+            self._checkpoint_after_step()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
         return history
+
+    def _checkpoint_after_step(self) -> None:
+        every, last = self.config.checkpoint.every, self.step == self.config.train.max_steps
+        signum = self.preemption.requested() if self.preemption is not None else None
+        if self.checkpointer is None:
+            return
+        self.checkpointer.poll()
+        if signum is not None or (every and (self.step % every == 0 or last)):
+            # The last step's and a preemption's save block: the process is about to exit.
+            self.checkpointer.save(self, self.wandb_run_id, blocking=signum is not None or last)
+        if signum is not None:
+            from kiln.trainer.preemption import TrainingPreempted
+
+            raise TrainingPreempted(self.step, signum)
 
     def _metrics(self, loss: float, grad_norm: float, step_time: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / step_time
@@ -127,7 +154,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
-            "tokens": self.step * self.tokens_per_step,
+            "tokens": self.consumed_tokens,
         }
         if self.flops_per_token:
             tflops_per_gpu = self.flops_per_token * tokens_per_s / self.ctx.layout.world_size

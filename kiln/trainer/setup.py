@@ -21,7 +21,7 @@ def finalize_grads_hook(tconfig, optimizer) -> None:
     tconfig.grad_scale_func = optimizer.scale_loss
 
 
-def build_callbacks(config: RunConfig, ctx: ParallelContext, run_dir: Path) -> list[Callback]:
+def build_callbacks(config: RunConfig, ctx: ParallelContext, run_dir: Path, wandb_run_id: str | None) -> list[Callback]:
     if ctx.rank != 0:
         return []
     callbacks: list[Callback] = [ConsoleLogger(config.train.max_steps), JsonlLogger(run_dir / "metrics.jsonl")]
@@ -34,6 +34,7 @@ def build_callbacks(config: RunConfig, ctx: ParallelContext, run_dir: Path) -> l
                 name=run_dir.name,
                 run_dir=run_dir,
                 config=config.to_dict(),
+                run_id=wandb_run_id,
             )
         )
     return callbacks

@@ -1,0 +1,146 @@
+"""What a checkpoint holds, and how it maps onto the live trainer.
+
+Two parts:
+
+* The **sharded state** (torch DCP files, through megatron-core ``dist_checkpointing``): model
+  chunks and optimizer as ShardedTensors keyed by *global* parameter names and offsets, so any
+  TP/PP/DP layout can load them; RNG states as one ShardedObject per (pp, tp, cp) position.
+* The **kiln metadata** (``kiln.json``, plain JSON so ``kiln ckpt inspect`` needs no unpickling):
+  step and counters, data-loader position, LR-scheduler counters, the layout it was saved
+  with, the resolved config and the W&B run id.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.errors import KilnCheckpointError
+
+KILN_META = "kiln.json"
+# Model settings that change tensor shapes or meaning; a checkpoint only loads if they agree.
+_ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                      "tie_embeddings")
+# megatron-core's distributed optimizer format that reshards over TP, PP and DP.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def model_sharded_state(models: list[torch.nn.Module]) -> dict[str, Any]:
+    """Per-chunk sharded state dicts (keys inside are global, so chunking does not matter)."""
+    return {f"model{i}": model.module.sharded_state_dict() for i, model in enumerate(models)}
+
+
+def rng_position(layout, coords: dict[str, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(global shape, offset) of this rank's RNG state; data-parallel ranks share theirs."""
+    return (layout.pp, layout.tp, layout.cp), (coords["pp"], coords["tp"], coords["cp"])
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> dict[str, Any]:
+    """The megatron-core sharded state dict of the trainer (model, optimizer, RNG)."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    state = model_sharded_state(trainer.models)
+    flat_model = {k: v for chunk in state.values() for k, v in chunk.items()}
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(flat_model, is_loading=is_loading,
+                                                              metadata=OPTIMIZER_METADATA)
+    if with_rng:
+        shape, offset = rng_position(trainer.ctx.layout, trainer.ctx.coords)
+        state["rng"] = ShardedObject("kiln.rng_state", capture_rng(trainer.ctx.device), shape, offset,
+                                     replica_id=trainer.ctx.coords["dp"])
+    return state
+
+
+def kiln_metadata(trainer, wandb_run_id: str | None) -> dict[str, Any]:
+    layout = trainer.ctx.layout
+    return {
+        "step": trainer.step,
+        "consumed_samples": trainer.consumed_samples,
+        "consumed_tokens": trainer.consumed_tokens,
+        "loader": trainer.batches.state_dict(),
+        "scheduler": {"num_steps": trainer.scheduler.num_steps},
+        "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp,
+                   "virtual_pp": layout.virtual_pp, "world_size": layout.world_size},
+        "wandb_run_id": wandb_run_id,
+        "config": trainer.config.to_dict(),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"kiln": _version("kiln"), "torch": torch.__version__, "megatron-core": _version("megatron-core")},
+    }
+
+
+def write_metadata(directory: Path, meta: dict[str, Any]) -> None:
+    (directory / KILN_META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / KILN_META).read_text())
+    except FileNotFoundError:
+        raise KilnCheckpointError(f"{directory} has no {KILN_META}: not a kiln checkpoint") from None
+
+
+def same_rng_layout(meta: dict[str, Any], layout) -> bool:
+    saved = meta["layout"]
+    return (saved["pp"], saved["tp"], saved["cp"]) == (layout.pp, layout.tp, layout.cp)
+
+
+def check_architecture(meta: dict[str, Any], model_config, where: Path) -> None:
+    """The checkpoint's model must have the run's shapes; name every difference and the fix."""
+    saved = meta["config"]["model"]
+    current = {k: getattr(model_config, k) for k in _ARCHITECTURE_KEYS}
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise KilnCheckpointError(
+            f"checkpoint {where} was saved from a different model ({'; '.join(diffs)}); "
+            f"set those values to the checkpoint's, or start without it (--no-resume and a new train.run_dir)")
+
+
+def apply_metadata(trainer, meta: dict[str, Any]) -> None:
+    """Counters, LR-scheduler position and data position from a checkpoint's kiln.json."""
+    trainer.step = int(meta["step"])
+    trainer.consumed_samples = int(meta["consumed_samples"])
+    trainer.consumed_tokens = int(meta["consumed_tokens"])
+    # The schedule's shape comes from the run's config (so max_steps can be extended on resume);
+    # only its position comes from the checkpoint. step(0) re-applies LR and weight decay.
+    trainer.scheduler.num_steps = int(meta["scheduler"]["num_steps"])
+    trainer.scheduler.step(increment=0)
+    trainer.batches.load_state_dict(meta["loader"])
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,76 @@
+"""Graceful stop on SIGTERM/SIGUSR1: how Slurm announces preemption and the time limit.
+
+The handler only records the signal; the loop asks :meth:`PreemptionWatcher.requested` after
+each step, which agrees across ranks (a signal may reach ranks at different steps), saves a
+checkpoint at that step and exits with :data:`EXIT_PREEMPTED`.
+
+torchrun also sends SIGTERM to the survivors when a worker dies; those may be stuck in a
+collective with the dead peer and would never reach the step boundary. So a signal arms a
+watchdog: a rank that is not back at a step boundary within ``grace`` exits at once (code
+128 + signal, as if killed), instead of holding the restart up for the whole save timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("kiln")
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; a Slurm script can requeue on it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingPreempted(Exception):
+    """Raised out of the run after the preemption checkpoint is published."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
+        self.step, self.signum = step, signum
+
+
+class PreemptionWatcher:
+    MIN_GRACE_S = 30.0
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.received: int | None = None
+        self.step_time_s = 0.0  # the loop keeps it current; the watchdog allows a few steps
+        self._watchdog: threading.Timer | None = None
+        self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+
+    def _record(self, signum: int, frame) -> None:
+        if self.received is None:
+            log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+            grace = max(self.MIN_GRACE_S, 3 * self.step_time_s)
+            self._watchdog = threading.Timer(grace, _exit_stuck, args=(signum, grace))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+        self.received = signum
+
+    def requested(self) -> int | None:
+        """The stop signal if any rank received one, else None (collective, one tiny all-reduce)."""
+        flag = torch.tensor([self.received or 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item()) or None
+        if signum is not None and self._watchdog is not None:
+            self._watchdog.cancel()  # every rank is alive and at the boundary: the save may take its time
+        return signum
+
+    def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_stuck(signum: int, grace: float) -> None:
+    log.error(f"{signal.Signals(signum).name}: not back at a step boundary within {grace:.0f}s "
+              f"(a peer died?); exiting without a checkpoint")
+    logging.shutdown()
+    os._exit(128 + signum)
