@@ -123,6 +123,9 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
     ]
     launch_id = uuid.uuid4().hex
     env = dict(os.environ, KILN_LAUNCH_ID=launch_id)
+    # With the rendezvous store shared into the workers (torchrun's default), restarted workers
+    # read the dead attempt's addresses and fail to connect (pytorch/pytorch#135712).
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # Share the cores between workers instead of letting each spawn a thread per core.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     agent = subprocess.Popen(command, env=env)

@@ -29,3 +29,37 @@ def train(run_dir: Path, nproc: int, *overrides: str, cache_dir: Path, config: s
     kiln("train", config, "--nproc-per-node", str(nproc), f"train.run_dir={run_dir}", *overrides, cache_dir=cache_dir)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def start_kiln(*args: str, cache_dir: Path) -> subprocess.Popen:
+    """`kiln ...` in the background (for tests that signal or kill it while it trains)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", KILN_CACHE_DIR=str(cache_dir))
+    return subprocess.Popen([sys.executable, "-m", "kiln", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: ppid
+                found.append(int(entry.name))
+    return found
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """The torchrun worker of global ``rank`` under a `kiln train --nproc-per-node` process."""
+    for agent in _children(launcher_pid):
+        for worker in _children(agent):
+            environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return worker
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")

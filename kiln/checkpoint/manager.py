@@ -48,6 +48,7 @@ class CheckpointManager:
         self.last_saved_step: int | None = None
         self.blocked_s: list[float] = []  # how long training waited, per save
         self._queue = None
+        self._results_server = None
 
     @property
     def rank(self) -> int:
@@ -156,6 +157,7 @@ class CheckpointManager:
 
         started = time.perf_counter()
         self.wait()  # one save at a time: never two writers, never retention during a write
+        self._ensure_writer_results_queue()
         step = trainer.step
         partial = self.root / store.partial_dir_name(step)
         if self.rank == 0:
@@ -193,6 +195,30 @@ class CheckpointManager:
         self.wait()
         if self._queue is not None:
             self._queue.close()
+        if self._results_server is not None:
+            from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+            filesystem_async._results_queue = None
+            self._results_server.shutdown()
+
+    def _ensure_writer_results_queue(self) -> None:
+        """Start the queue megatron's writers report through, immune to stop signals.
+
+        megatron-core creates it lazily in a spawned server process that dies on the SIGTERM
+        torchrun sends to the worker's whole process group, which would lose the very save the
+        signal asks for. kiln starts that server itself, ignoring SIGTERM/SIGUSR1 and dying
+        with the worker, and hands it to megatron (``filesystem_async._results_queue``).
+        """
+        import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
+
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        if filesystem_async._results_queue is None:
+            server = SyncManager(ctx=mp.get_context("spawn"))
+            server.start(initializer=quiet_helper_process)
+            self._results_server = server
+            filesystem_async._results_queue = server.Queue()
 
     def _async_queue(self):
         if self._queue is None:
@@ -239,14 +265,14 @@ def _with_file_record(async_fn, directory: Path, rank: int):
     """Wrap megatron's writer: afterwards, record this rank's files (size, CRC32) beside them.
 
     Runs where the writer runs (the forked background process when saving async), so the
-    hashing costs training nothing. The writer dies with its trainer process (PDEATHSIG):
-    an orphan must never keep writing into a directory a restarted run may reuse.
+    hashing costs training nothing. A background writer finishes its save through a stop
+    signal (its trainer waits for it) and dies with its trainer (see quiet_helper_process).
     """
     parent = os.getpid()
 
     def write_and_record(*args, **kwargs):
         if os.getpid() != parent:
-            _die_with_parent()
+            quiet_helper_process()
         if async_fn is not None:
             async_fn(*args, **kwargs)
         names = sorted(p.name for p in directory.glob(f"__{rank}_*"))
@@ -257,7 +283,11 @@ def _with_file_record(async_fn, directory: Path, rank: int):
     return write_and_record
 
 
-def _die_with_parent() -> None:
+def quiet_helper_process() -> None:
+    """For a trainer's helper process: ignore stop signals (the trainer handles them and waits
+    for its helpers) and die with the trainer, so a SIGKILLed trainer leaves no orphan."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import ctypes
 

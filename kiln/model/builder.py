@@ -97,7 +97,10 @@ def build_model(config: RunConfig, ctx: ParallelContext, vocab_size: int, tconfi
             pg_collection=ctx.pg_collection,
             vp_stage=vp_stage if layout.virtual_pp else None,
         )
-        model.to(ctx.device)
+        # All parameters in the training dtype, as megatron's Float16Module does: the local
+        # spec's torch norms otherwise stay fp32, which the bf16 optimizer's checkpoint
+        # mapping (fp32 master copies of bf16 params only) does not expect.
+        model.to(device=ctx.device, dtype=tconfig.params_dtype)
         init_weights(model, config.model, ctx, seed=config.train.seed)
         models.append(model)
     if ctx.rank == 0:
