@@ -21,6 +21,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from kiln.checkpoint.tools import add_ckpt_parser
 from kiln.data.prepare.cli import add_data_parser
 from kiln.errors import KilnConfigError, KilnError
 
@@ -68,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dry_run_report(config, args.world_size or args.nproc_per_node or 1))
         return 0
     if args.nproc_per_node and not _inside_torchrun():
+        from kiln.checkpoint.manager import check_resume_settings
         from kiln.data.setup import check_data
         from kiln.parallel.layout import ParallelLayout
 
@@ -75,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         nodes = int(str(args.nnodes or 1).split(":")[-1])
         ParallelLayout.from_config(config, args.nproc_per_node * nodes)
         check_data(config)
+        check_resume_settings(config)
         if not config.train.run_dir:  # fixed here so every restart of the workers finds the same run
             from kiln.train import default_run_dir
 
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     add_data_parser(sub)
+    add_ckpt_parser(sub)
     # Overrides may come after options (`--nproc-per-node 2 optim.lr=1e-3`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item or args.command != "train"]

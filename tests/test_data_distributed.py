@@ -41,11 +41,15 @@ def run_ranks(tmp_path, world: int, configs: list[dict]) -> list[list[list[list[
     return result
 
 
-def take(path: str, n: int, **kw) -> list[list[int]]:
+def take(path: str, n: int, resume: dict | None = None, with_state: bool = False, **kw):
+    """``n`` micro-batches (sample ids); with ``with_state`` also the loader state after them."""
     from kiln.data.loader import build_train_loader
 
     loader = build_train_loader(path, seed=SEED, **kw)
-    return [next(loader)["tokens"][:, 0].tolist() for _ in range(n)]
+    if resume is not None:
+        loader.load_state_dict(resume)
+    ids = [next(loader)["tokens"][:, 0].tolist() for _ in range(n)]
+    return (ids, loader.state_dict()) if with_state else ids
 
 
 def steps_of(per_rank: list[list[list[int]]], accumulation: int) -> list[list[int]]:
@@ -89,6 +93,19 @@ def test_global_batches_independent_of_dp_size(tmp_path, dataset):
     assert steps_of([ranks[0][2], ranks[1][2]], 1) == ref
     for e in range(STEPS // 5):  # each epoch: 20 distinct samples
         assert len({i for step in ref[e * 5:(e + 1) * 5] for i in step}) == 20
+
+
+def test_stop_at_dp2_resume_at_dp1_continues_the_same_sample_sequence(tmp_path, dataset):
+    ref = steps_of([take(dataset, STEPS, micro_batch_size=4, dp_rank=0, dp_size=1)], 1)
+    stop = 7  # inside the second epoch
+    cfg = {"path": dataset, "dp_size": 2, "replication": 1, "n": stop, "micro_batch_size": 2, "with_state": True}
+    (ids0, state0), (ids1, state1) = [ranks[0] for ranks in run_ranks(tmp_path, 2, [cfg])]
+    assert state0 == state1  # the position is global, not per rank
+    assert steps_of([ids0, ids1], 1) == ref[:stop]
+    # Resume on one rank, with accumulation 2 to keep the global batch of 4.
+    resumed = take(dataset, 2 * (STEPS - stop), resume=state0, micro_batch_size=2, dp_rank=0, dp_size=1,
+                   global_batch_size=4)
+    assert steps_of([resumed], 2) == ref[stop:]
 
 
 def test_replication_feeds_each_replica_the_same_batches(tmp_path, dataset):

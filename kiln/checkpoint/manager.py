@@ -39,6 +39,24 @@ log = logging.getLogger("kiln")
 _RANK_PIECE = ".kiln-files-rank{rank}.json"
 
 
+def check_resume_settings(config: RunConfig) -> None:
+    """Before any process starts: the resume settings must make sense for what is on disk."""
+    run_dir = config.train.run_dir
+    root = Path(config.checkpoint.dir) if config.checkpoint.dir else (Path(run_dir) / "checkpoints" if run_dir else None)
+    own = store.published_steps(root) if root is not None else []
+    if own and not config.checkpoint.resume:
+        raise KilnCheckpointError(_mixing_runs_message(root, own))
+    source = config.checkpoint.resume_from
+    if source and not own and not Path(source).exists():
+        raise KilnCheckpointError(f"checkpoint.resume_from={source}: no such file or directory")
+
+
+def _mixing_runs_message(root: Path, own: list[int]) -> str:
+    return (f"checkpoint.resume=false (--no-resume) but {root} already holds checkpoints "
+            f"({store.step_dir_name(own[-1])} is the newest); starting over there would mix two runs. "
+            f"Use a new train.run_dir (or checkpoint.dir), or remove {root}")
+
+
 class CheckpointManager:
     def __init__(self, config: RunConfig, ctx, run_dir: Path) -> None:
         self.cfg = config.checkpoint
@@ -72,10 +90,7 @@ class CheckpointManager:
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         own = store.published_steps(self.root)
         if own and not self.cfg.resume and not restarted:
-            raise KilnCheckpointError(
-                f"checkpoint.resume=false (--no-resume) but {self.root} already holds checkpoints "
-                f"({store.step_dir_name(own[-1])} is the newest); starting over there would mix two runs. "
-                f"Use a new train.run_dir (or checkpoint.dir), or remove {self.root}")
+            raise KilnCheckpointError(_mixing_runs_message(self.root, own))
         if own and (self.cfg.resume or restarted):
             found = self._first_good([self.root / store.step_dir_name(s) for s in store.resume_candidates(self.root)],
                                      move_bad_aside=True)
@@ -138,7 +153,8 @@ class CheckpointManager:
         loaded = dist_checkpointing.load(sharded, str(path))
         for index, model in enumerate(trainer.models):
             model.module.load_state_dict(loaded[f"model{index}"])
-        trainer.optimizer.load_state_dict(loaded["optimizer"])
+        with ckpt_state.torch_adam_load_fixes(trainer.optimizer):
+            trainer.optimizer.load_state_dict(loaded["optimizer"])
         if with_rng:
             ckpt_state.restore_rng(loaded["rng"], self.ctx.device)
         ckpt_state.apply_metadata(trainer, meta)

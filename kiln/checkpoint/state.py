@@ -12,6 +12,7 @@ Two parts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -27,8 +28,10 @@ KILN_META = "kiln.json"
 # Model settings that change tensor shapes or meaning; a checkpoint only loads if they agree.
 _ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                       "tie_embeddings")
-# megatron-core's distributed optimizer format that reshards over TP, PP and DP.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# megatron-core's distributed optimizer format that reshards over TP, PP and DP (its
+# "fully_sharded_model_space" is not supported by the torch_dist backend in 0.16; this one
+# gathers the state over the DP group to save it, which costs memory on DP rank 0).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def model_sharded_state(models: list[torch.nn.Module]) -> dict[str, Any]:
@@ -66,10 +69,66 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def ensure_adam_state(optimizer) -> None:
+    """Give every parameter an (all-zero) Adam state before a load fills it in place.
+
+    megatron-core's distributed optimizer reads the state's ``step`` while building the sharded
+    state dict to load into, and a fresh torch Adam has no state until its first step.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = inner.optimizer
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                         "exp_avg_sq": torch.zeros_like(param)}
+
+
+@contextlib.contextmanager
+def torch_adam_load_fixes(optimizer):
+    """Work around megatron-core 0.16 loading torch Adam state into the distributed optimizer.
+
+    Without TE/Apex the inner optimizer is torch's Adam, whose per-parameter state holds a
+    ``step``. Two bugs on that path:
+
+    * the fully-reshardable loader copies every state key from the checkpoint's tensors,
+      which never include ``step`` (saved once, restored before), and fails with KeyError;
+      handing it the current ``step`` makes that copy a no-op;
+    * the restored ``step`` is one tensor object shared by every parameter, so each optimizer
+      step would advance it once per parameter; each parameter gets its own copy after.
+    """
+    patched = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def with_step(model_param, tensors, inner=inner, setter=setter):
+            group_index, group_order = inner.model_param_group_index_map[model_param]
+            main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+            step = inner.optimizer.state[main_param].get("step")
+            if step is not None and "step" not in tensors:
+                tensors = {**tensors, "step": step}
+            return setter(model_param, tensors)
+
+        inner._set_main_param_and_optimizer_states = with_step
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # back to the class method
+            for state in inner.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+
 def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> dict[str, Any]:
     """The megatron-core sharded state dict of the trainer (model, optimizer, RNG)."""
     from megatron.core.dist_checkpointing import ShardedObject
 
+    if is_loading:
+        ensure_adam_state(trainer.optimizer)
     state = model_sharded_state(trainer.models)
     flat_model = {k: v for chunk in state.values() for k, v in chunk.items()}
     state["optimizer"] = trainer.optimizer.sharded_state_dict(flat_model, is_loading=is_loading,

@@ -1,0 +1,593 @@
+"""How long a checkpoint save blocks training (async vs sync), and save/load throughput.
+
+Builds a trainer exactly as ``kiln train`` does (kiln.train.run: init_parallel, build_batches,
+transformer_config, build_model, wrap_ddp, build_optimizer, finalize_grads_hook,
+build_scheduler, Trainer with a CheckpointManager) on the bundled dataset, then runs kiln's own
+training loop (``Trainer.train``) several times with ``checkpoint.every=K``: once per variant and
+round, alternating the variant order between rounds so drift in machine load hits both equally.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/checkpoint.py               # CPU, 1 process, ~2 min
+    OMP_NUM_THREADS=2 .venv/bin/python bench/checkpoint.py --try-cached-plan   # + a 3rd variant
+    torchrun --nproc-per-node 2 bench/checkpoint.py --preset cpu         # data parallel, gloo
+    python bench/checkpoint.py --preset gpu --json ckpt.json             # ~125M model on a GPU
+
+What is measured (every manager call is timed from inside the real loop):
+
+* **blocked per save**: the time the training thread spends in checkpoint work for one save.
+  Sync: the whole ``save()``. Async: ``save()`` (minus any wait for the *previous* save, which
+  is charged to that one) + the ``poll()`` that publishes it (or the ``wait()`` that does).
+  Cross-check: the step time of steps with checkpoint work minus the median step time of steps
+  without (``step-time method``). The first save of a run (it starts megatron's writer-results
+  server: a spawned process) and the last step's save (blocking by design, in both modes) are
+  reported apart and not in the medians. ``idle polls`` (the non-blocking all-reduce after every
+  step while a write is in flight) are shown per save too.
+* **step slowdown**: async saves also cost training through the background writer competing
+  for CPU cores/memory bandwidth (steps overlapping the write minus the median clean step, summed
+  per save). It is shown separately: it is not time spent inside checkpoint calls.
+* **save MB/s**: bytes of a published checkpoint (sum of its manifest's file sizes, 1 MB = 1e6 B)
+  / median sync ``save()`` time (write + fsync + CRC32 + publish). **load MB/s**: the same bytes
+  / ``CheckpointManager.load`` on a freshly built trainer, cold (the files' pages evicted with
+  posix_fadvise DONTNEED first) and warm (page cache); the manifest verification
+  (``find_resume_point``: sizes + CRC32 of every file) is timed apart. The loaded weights are
+  compared with the trainer's at save time.
+* **breakdown**: time inside the pieces of a save (kiln.json, building the sharded state dict,
+  megatron's save_preprocess / validate_sharding_integrity, common.pt, DCP planning, staging,
+  the fork, the writer, finalize, kiln's publish), mean ms per measured save.
+
+``--try-cached-plan`` adds the variant ``async+cache``: the same async save with a persistent
+``TorchDistSaveShardedStrategy(cached_metadata=True)`` (wrapped in
+``FullyParallelSaveStrategyWrapper`` when dp > 1) and ``validate_access_integrity=False`` after a
+run's first save, monkeypatched into ``dist_checkpointing.save`` for that variant only; the
+checkpoint it writes last is loaded back and compared, to show the cached plan stays correct.
+
+Result on the 2-core CPU dev box (cpu preset, 17.8M params, 214 MB checkpoint with Adam states):
+see the bench's report; the async/sync ratio there is what this script prints. On CPU the
+staging step is free (tensors already live in host memory; the fork gives the writer a
+copy-on-write snapshot), so async blocking is the planning that stays in the training thread
+(building the sharded state dict, sharding validation, DCP planning) plus the fork and the
+publish; see the breakdown printed by the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESETS = {
+    # ~18M params: a ~214 MB checkpoint with fp32 Adam states, a ~1 s step on 2 cores.
+    "cpu": {"layers": 4, "hidden": 512, "heads": 8, "seq_len": 256, "micro_batch": 4, "precision": "fp32",
+            "device": "cpu"},
+    "gpu": {"layers": 12, "hidden": 768, "heads": 12, "seq_len": 2048, "micro_batch": 8, "precision": "bf16",
+            "device": "cuda"},
+}
+
+# Timed pieces of a save: (label, depth) in print order; depth is the nesting inside a manager call.
+BREAKDOWN = [
+    ("wait for previous save", 0),
+    ("writer-results server", 0),
+    ("kiln.json (metadata)", 0),
+    ("sharded_state (kiln)", 0),
+    ("dist_checkpointing.save", 0),
+    ("save_preprocess", 1),
+    ("validate_sharding_integrity", 2),
+    ("save_common (common.pt)", 1),
+    ("async_save (translate+plan)", 1),
+    ("plan (save_state_dict_async_plan)", 2),
+    ("prepare_write_data", 3),
+    ("schedule (stage + fork)", 0),
+    ("execute_sync", 0),
+    ("stage tensors (preload)", 1),
+    ("write shards (+fsync)", 1),
+    ("crc32 + sizes", 1),
+    ("finalize: DCP .metadata", 0),
+    ("publish (manifest, rename, latest, retention)", 0),
+    ("retention delete", 1),
+]
+
+
+class Recorder:
+    """Times manager calls (events) and, inside them, the pieces they run (labels)."""
+
+    def __init__(self) -> None:
+        self.current: dict | None = None  # the event being recorded
+        self.events: list[dict] = []
+        self.steps: list[dict] = []
+        self.run = ""
+
+    def event(self, kind: str, manager, fn, *args, **kwargs):
+        before = manager.in_flight
+        event = {"kind": kind, "run": self.run, "step": self.steps[-1]["step"] if self.steps else None,
+                 "labels": {}, "in_flight_before": before,
+                 "blocking": kwargs.get("blocking", False)}
+        self.current = event
+        start = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            event["start"], event["end"] = start, time.monotonic()
+            event["total"] = event["end"] - start
+            event["published"] = before is not None and manager.in_flight is None
+            self.current = None
+            self.events.append(event)
+
+    def label(self, name: str, fn, *args, **kwargs):
+        start = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if self.current is not None:
+                labels = self.current["labels"]
+                labels[name] = labels.get(name, 0.0) + time.monotonic() - start
+
+    def wrap(self, owner, attr: str, name: str, static: bool = False) -> None:
+        original = owner.__dict__[attr] if static else getattr(owner, attr)
+        inner = original.__func__ if static else original
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            return self.label(name, inner, *args, **kwargs)
+
+        setattr(owner, attr, staticmethod(timed) if static else timed)
+
+
+class CacheVariant:
+    """`async+cache`: a persistent cached-plan strategy and no re-validation after the first save."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.strategy = None
+        self.saves = 0
+
+    def reset(self, active: bool) -> None:
+        self.active, self.strategy, self.saves = active, None, 0
+
+    def kwargs(self) -> dict:
+        if not self.active:
+            return {}
+        if self.strategy is None:
+            import torch.distributed as dist
+            from megatron.core import parallel_state
+            from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+            from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+            self.strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+            group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+            if dist.get_world_size(group) > 1:
+                self.strategy = FullyParallelSaveStrategyWrapper(self.strategy, group, do_cache_distribution=True)
+        self.saves += 1
+        return {"sharded_strategy": self.strategy, "validate_access_integrity": self.saves == 1}
+
+
+def instrument(rec: Recorder, variant: CacheVariant, writer_log: Path) -> None:
+    """Monkeypatch timers around the manager's calls and the megatron pieces they run."""
+    import megatron.core.dist_checkpointing as dcp
+    from megatron.core.dist_checkpointing import serialization, state_dict_utils
+    from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async
+    from megatron.core.dist_checkpointing.strategies import common as dcp_common
+    from megatron.core.dist_checkpointing.strategies import torch as dcp_torch
+
+    from kiln.checkpoint import manager as manager_mod
+    from kiln.checkpoint import state as ckpt_state
+    from kiln.checkpoint import store
+
+    Manager = manager_mod.CheckpointManager
+    for kind in ("save", "poll", "wait"):
+        original = getattr(Manager, kind)
+
+        def call(self, *args, _kind=kind, _original=original, **kwargs):
+            if rec.current is None:  # a call from the training loop: one event
+                return rec.event(_kind, self, _original, self, *args, **kwargs)
+            name = "wait for previous save" if _kind == "wait" else f"nested {_kind}"
+            return rec.label(name, _original, self, *args, **kwargs)
+
+        setattr(Manager, kind, call)
+    rec.wrap(Manager, "_ensure_writer_results_queue", "writer-results server")
+    rec.wrap(Manager, "_publish", "publish (manifest, rename, latest, retention)")
+    rec.wrap(ckpt_state, "kiln_metadata", "kiln.json (metadata)")
+    rec.wrap(ckpt_state, "write_metadata", "kiln.json (metadata)")
+    rec.wrap(ckpt_state, "sharded_state", "sharded_state (kiln)")
+    rec.wrap(store, "describe_files", "crc32 + sizes")
+    rec.wrap(store, "delete_checkpoint", "retention delete")
+
+    save = dcp.save
+
+    def dcp_save(*args, **kwargs):
+        kwargs.update(variant.kwargs())
+        return rec.label("dist_checkpointing.save", save, *args, **kwargs)
+
+    dcp.save = dcp_save
+    rec.wrap(serialization, "save_preprocess", "save_preprocess")
+    rec.wrap(state_dict_utils, "validate_sharding_integrity", "validate_sharding_integrity")
+    rec.wrap(dcp_common.TorchCommonSaveStrategy, "save_common", "save_common (common.pt)")
+    rec.wrap(dcp_torch.TorchDistSaveShardedStrategy, "async_save", "async_save (translate+plan)")
+    rec.wrap(dcp_torch, "save_state_dict_async_plan", "plan (save_state_dict_async_plan)")
+    rec.wrap(dcp_torch, "save_state_dict_async_finalize", "finalize: DCP .metadata")
+    Writer = filesystem_async.FileSystemWriterAsync
+    rec.wrap(Writer, "prepare_write_data", "prepare_write_data")
+    rec.wrap(Writer, "preload_tensors", "stage tensors (preload)", static=True)
+    rec.wrap(Writer, "write_preloaded_data_multiproc", "write shards (+fsync)", static=True)
+    rec.wrap(async_utils.AsyncCallsQueue, "schedule_async_request", "schedule (stage + fork)")
+    rec.wrap(async_utils.AsyncRequest, "execute_sync", "execute_sync")
+
+    # The writer (in the forked process when async) logs when it ran, for the background duration.
+    with_file_record = manager_mod._with_file_record
+
+    def timed_with_file_record(async_fn, directory, rank):
+        write = with_file_record(async_fn, directory, rank)
+
+        def timed_write(*args, **kwargs):
+            start = time.monotonic()
+            write(*args, **kwargs)
+            end = time.monotonic()
+            (writer_log / f"{Path(directory).name}.rank{rank}.{os.getpid()}.json").write_text(
+                json.dumps({"dir": Path(directory).name, "rank": rank, "start": start, "end": end}))
+
+        return timed_write
+
+    manager_mod._with_file_record = timed_with_file_record
+
+
+def build(config, ctx, checkpointer=None):
+    """Trainer, built like kiln.train.run does."""
+    from kiln.data.setup import build_batches
+    from kiln.model.builder import build_model, transformer_config
+    from kiln.plan.flops import flops_per_token, peak_flops
+    from kiln.trainer.loop import Trainer
+    from kiln.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
+    from kiln.trainer.setup import finalize_grads_hook
+
+    batches, vocab_size = build_batches(config, ctx)
+    tconfig = transformer_config(config, ctx)
+    models = wrap_ddp(config, build_model(config, ctx, vocab_size, tconfig), tconfig, ctx)
+    optimizer = build_optimizer(config, models)
+    finalize_grads_hook(tconfig, optimizer)
+    trainer = Trainer(config, ctx, models, optimizer, build_scheduler(config, optimizer), batches, callbacks=[],
+                      flops_per_token=flops_per_token(config.model, vocab_size), peak_flops=peak_flops(ctx.device),
+                      checkpointer=checkpointer)
+    return trainer, vocab_size
+
+
+def snapshot(trainer) -> dict:
+    return {f"{i}.{k}": v.detach().to("cpu", copy=True) for i, m in enumerate(trainer.models)
+            for k, v in m.module.state_dict().items() if hasattr(v, "detach")}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def evict_page_cache(directory: Path) -> None:
+    """Drop the (fsynced, clean) pages of the checkpoint's files, so the next load reads the disk."""
+    for path in directory.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run_variant(trainer, config, ctx, base: Path, name: str, round_index: int, steps: int, rec: Recorder,
+                variant: CacheVariant):
+    """One training run of `steps` steps with its own CheckpointManager; returns its root."""
+    import torch.distributed as dist
+
+    from kiln.checkpoint.manager import CheckpointManager
+
+    run_config = copy.deepcopy(config)
+    run_config.checkpoint.async_save = name != "sync"
+    root = base / f"{name}-r{round_index}"
+    run_config.checkpoint.dir = str(root)
+    manager = CheckpointManager(run_config, ctx, base)
+    manager.prepare()
+    variant.reset(name == "async+cache")
+    rec.run = f"{name}/r{round_index}"
+    trainer.checkpointer = manager
+    trainer.config.train.max_steps = trainer.step + steps
+    try:
+        trainer.train()
+    finally:
+        manager.close()
+        variant.reset(False)
+    dist.barrier()
+    return root
+
+
+def analyse(rec: Recorder, writers: list[dict], name: str, save_every: int) -> dict:
+    """Per-save blocked time and its breakdown for one variant (all its rounds)."""
+    runs = sorted({e["run"] for e in rec.events if e["run"].startswith(name + "/")})
+    saves_out, first, final, idle_polls, slowdown, bg_write, publish_lag = [], [], [], [], [], [], []
+    step_method, clean_steps_all = [], []
+    for run in runs:
+        events = [e for e in rec.events if e["run"] == run]
+        steps = [s for s in rec.steps if s["run"] == run]
+        saves = [e for e in events if e["kind"] == "save"]
+        per_save = {e["step"]: {"event": e, "call": e["total"] - e["labels"].get("wait for previous save", 0.0),
+                                "publish": 0.0, "labels": dict(e["labels"])} for e in saves}
+        for rec_save in per_save.values():  # the wait for the previous save is charged to that one
+            rec_save["labels"].pop("wait for previous save", None)
+        # Who published each save: a poll, a wait, or the wait inside the next save.
+        for e in events:
+            owner = e["in_flight_before"]
+            if owner is None or owner not in per_save:
+                continue
+            if e["kind"] in ("poll", "wait") and e["published"]:
+                per_save[owner]["publish"] += e["total"]
+                for k, v in e["labels"].items():
+                    per_save[owner]["labels"][k] = per_save[owner]["labels"].get(k, 0.0) + v
+            elif e["kind"] == "save" and "wait for previous save" in e["labels"]:
+                per_save[owner]["publish"] += e["labels"]["wait for previous save"]
+                per_save[owner]["labels"]["wait for previous save"] = e["labels"]["wait for previous save"]
+        idle = sum(e["total"] for e in events if e["kind"] == "poll" and not e["published"])
+        ordered = sorted(per_save)
+        measured = ordered[1:-1]
+        first.append(per_save[ordered[0]]["call"] + per_save[ordered[0]]["publish"])
+        final.append(per_save[ordered[-1]]["call"] + per_save[ordered[-1]]["publish"])
+        # Step-time method: (train step + checkpoint work) of steps with saves/publishes vs clean steps.
+        clean = [s["train"] + s["ckpt"] for s in steps if not s["overlap"] and s["ckpt_kind"] == "idle"]
+        clean_steps_all += [s["train"] for s in steps if not s["overlap"]]
+        base_step = statistics.median(clean) if clean else float("nan")
+        for step in measured:
+            entry = per_save[step]
+            entry["blocked"] = entry["call"] + entry["publish"]
+            publisher = [s for s in steps if s["step"] == step or s.get("published") == step]
+            entry["step_method"] = sum(s["train"] + s["ckpt"] - base_step for s in publisher)
+            saves_out.append(entry)
+        idle_polls.append(idle / max(len(saves), 1))
+        # Background writes: interval of the writer (if any) and its cost to overlapping steps.
+        from kiln.checkpoint import store
+
+        base_train = statistics.median([s["train"] for s in steps if not s["overlap"]] or [float("nan")])
+        for step in measured:
+            w = [x for x in writers if x["dir"] == store.partial_dir_name(step)]
+            if not w:
+                continue
+            start, end = min(x["start"] for x in w), max(x["end"] for x in w)
+            if per_save[step]["event"]["blocking"] or name == "sync":
+                continue
+            bg_write.append(end - start)
+            pub = [e for e in events if e["in_flight_before"] == step and e["published"]]
+            if pub:
+                publish_lag.append(pub[0]["end"] - end)
+            slowdown.append(sum(s["train"] - base_train for s in steps
+                                if s["t0"] < end and s["t1"] > start))
+    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+    mean = lambda xs: statistics.fmean(xs) if xs else 0.0  # noqa: E731
+    labels = {label: mean([s["labels"].get(label, 0.0) for s in saves_out]) for label, _ in BREAKDOWN}
+    return {
+        "runs": len(runs),
+        "measured_saves": len(saves_out),
+        "blocked_s": med([s["blocked"] for s in saves_out]),
+        "blocked_s_all": [s["blocked"] for s in saves_out],
+        "save_call_s": med([s["call"] for s in saves_out]),
+        "publish_s": med([s["publish"] for s in saves_out]),
+        "step_method_s": med([s["step_method"] for s in saves_out]),
+        "idle_polls_s_per_save": mean(idle_polls),
+        "first_save_s": med(first),
+        "final_save_s": med(final),
+        "background_write_s": med(bg_write),
+        "publish_lag_s": med(publish_lag),
+        "step_slowdown_s_per_save": med(slowdown) if slowdown else 0.0,
+        "clean_step_s": med(clean_steps_all),
+        "breakdown_s": labels,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="cpu (default without CUDA) or gpu")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--micro-batch", type=int)
+    parser.add_argument("--save-every", type=int, default=4, help="K: steps between saves (default 4)")
+    parser.add_argument("--saves", type=int, default=3,
+                        help="measured saves per run, besides the first and the final one (default 3)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every variant once (default 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed train steps first (default 2)")
+    parser.add_argument("--try-cached-plan", action="store_true",
+                        help="also run async+cache (cached DCP plan, no re-validation after the first save)")
+    parser.add_argument("--dir", help="where the runs go (default: a temp dir, removed afterwards)")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--verbose", action="store_true", help="show kiln's log lines (each publish, the load)")
+    args = parser.parse_args()
+
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    from kiln.config import config_from_dict
+    from kiln.log import quiet_third_party, setup_logging
+    from kiln.parallel.backend import destroy_parallel, init_parallel
+
+    quiet_third_party()
+    preset = dict(PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")])
+    for key in ("layers", "hidden", "heads", "seq_len", "micro_batch"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = config_from_dict({"name": "bench-checkpoint"}, [
+        f"model.num_layers={preset['layers']}", f"model.hidden_size={preset['hidden']}",
+        f"model.num_attention_heads={preset['heads']}", f"model.seq_len={preset['seq_len']}",
+        f"train.micro_batch_size={preset['micro_batch']}", f"train.global_batch_size={preset['micro_batch'] * world}",
+        f"train.precision={preset['precision']}", f"train.device={preset['device']}", "train.log_every=1000000",
+        "optim.warmup_steps=0", "optim.schedule=constant", "logging.wandb=disabled",
+        f"checkpoint.every={args.save_every}"])
+    ctx = init_parallel(config)
+    setup_logging(ctx.rank)
+    if not args.verbose:
+        logging.getLogger("kiln").setLevel(logging.WARNING)
+    chosen = [args.dir or (tempfile.mkdtemp(prefix="kiln-bench-ckpt-") if ctx.rank == 0 else None)]
+    dist.broadcast_object_list(chosen, src=0)
+    base = Path(chosen[0])
+    writer_log = base / "writer-times"
+    if ctx.rank == 0:
+        writer_log.mkdir(parents=True, exist_ok=True)
+    config.train.run_dir = str(base)
+    dist.barrier()
+
+    rec, cache_variant = Recorder(), CacheVariant()
+    instrument(rec, cache_variant, writer_log)
+    trainer, vocab_size = build(config, ctx)
+    n_params = sum(p.numel() for m in trainer.models for p in m.parameters())
+
+    # Per-step record: train-step time, checkpoint work after it, and overlap with a background write.
+    train_step, after_step = trainer.train_step, trainer._checkpoint_after_step
+
+    def timed_train_step():
+        t0 = time.monotonic()
+        out = train_step()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        rec.steps.append({"run": rec.run, "step": trainer.step + 1, "t0": t0, "t1": time.monotonic(),
+                          "train": time.monotonic() - t0, "overlap": trainer.checkpointer.in_flight is not None})
+        return out
+
+    def timed_after_step():
+        before, n_events = trainer.checkpointer.in_flight, len(rec.events)
+        t0 = time.monotonic()
+        after_step()
+        entry = rec.steps[-1]
+        entry["ckpt"] = time.monotonic() - t0
+        kinds = {e["kind"] for e in rec.events[n_events:]}
+        published = before is not None and trainer.checkpointer.in_flight is None and "save" not in kinds
+        entry["ckpt_kind"] = "save" if "save" in kinds else ("publish" if published else "idle")
+        if published:
+            entry["published"] = before
+
+    trainer.train_step, trainer._checkpoint_after_step = timed_train_step, timed_after_step
+    for _ in range(args.warmup):
+        train_step()
+
+    variants = ["sync", "async"] + (["async+cache"] if args.try_cached_plan else [])
+    steps_per_run = args.save_every * (args.saves + 2)  # first + measured + the final (blocking) save
+    roots: dict[str, list[Path]] = {v: [] for v in variants}
+    weights_at_end: dict[str, dict] = {}
+    started = time.monotonic()
+    for round_index in range(args.rounds):
+        order = variants if round_index % 2 == 0 else variants[::-1]
+        for name in order:
+            roots[name].append(run_variant(trainer, config, ctx, base, name, round_index, steps_per_run, rec,
+                                           cache_variant))
+            weights_at_end[f"{name}/r{round_index}"] = snapshot(trainer)
+    train_wall = time.monotonic() - started
+
+    # Step numbers go on across runs, so a writer's directory name (.step_N.partial) names its save.
+    writers = [json.loads(path.read_text()) for path in writer_log.glob("*.json")] if ctx.rank == 0 else []
+
+    results = {name: analyse(rec, writers, name, args.save_every) for name in variants}
+
+    # Load: a fresh trainer, the last sync run's final checkpoint (and async+cache's, for correctness).
+    from kiln.checkpoint import store
+    from kiln.checkpoint.manager import CheckpointManager
+
+    def load_from(root: Path, label: str) -> dict:
+        load_config = copy.deepcopy(config)
+        load_config.checkpoint.dir = str(root)
+        manager = CheckpointManager(load_config, ctx, base)
+        fresh, _ = build(load_config, ctx, manager)
+        t0 = time.monotonic()
+        path = manager.find_resume_point()
+        verify_s = time.monotonic() - t0
+        manifest = store.read_manifest(path)
+        nbytes = sum(f["size"] for f in manifest["files"].values())
+        if ctx.rank == 0:
+            evict_page_cache(path)
+        dist.barrier()
+        t0 = time.monotonic()
+        manager.load(path, fresh)
+        cold_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        manager.load(path, fresh)
+        warm_s = time.monotonic() - t0
+        ok = same_weights(snapshot(fresh), weights_at_end[label])
+        manager.close()
+        return {"path": str(path), "bytes": nbytes, "files": len(manifest["files"]), "verify_s": verify_s,
+                "load_cold_s": cold_s, "load_warm_s": warm_s, "weights_match": ok}
+
+    last_round = args.rounds - 1
+    load = load_from(roots["sync"][-1], f"sync/r{last_round}")
+    cached_load = load_from(roots["async+cache"][-1], f"async+cache/r{last_round}") if args.try_cached_plan else None
+
+    sync, asyn = results["sync"], results["async"]
+    ratio = asyn["blocked_s"] / sync["blocked_s"]
+    mb = load["bytes"] / 1e6
+    save_mbps = mb / sync["blocked_s"]
+    load_mbps = mb / load["load_cold_s"]
+    if ctx.rank == 0:
+        device = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "CPU emulation, gloo"
+        print(f"\ndevice {ctx.device.type} ({device}), {ctx.layout.world_size} process(es), "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs; "
+              f"{preset['layers']} layers × {preset['hidden']}, seq {preset['seq_len']}, micro-batch "
+              f"{preset['micro_batch']}, {preset['precision']}, vocab {vocab_size}: {n_params / 1e6:.1f}M params")
+        print(f"checkpoint {mb:.1f} MB in {load['files']} files; save every {args.save_every} steps, "
+              f"{steps_per_run} steps per run, {args.rounds} rounds × {len(variants)} variants "
+              f"(order alternating), {train_wall:.0f}s; median clean train step {sync['clean_step_s'] * 1e3:.0f} ms")
+        print()
+        head = (f"{'variant':<12} {'saves':>5} {'blocked':>9} {'save()':>9} {'publish':>9} {'step-time':>9} "
+                f"{'idle poll':>9} {'bg write':>9} {'pub. lag':>9} {'step slow':>9} {'1st save':>9} {'final':>9}")
+        print(head)
+        print(f"{'':<12} {'':>5} {'ms/save':>9} {'ms':>9} {'poll ms':>9} {'method ms':>9} {'ms/save':>9} "
+              f"{'s':>9} {'s':>9} {'ms/save':>9} {'ms':>9} {'ms':>9}")
+        for name in variants:
+            r = results[name]
+            print(f"{name:<12} {r['measured_saves']:>5} {r['blocked_s'] * 1e3:>9.1f} {r['save_call_s'] * 1e3:>9.1f} "
+                  f"{r['publish_s'] * 1e3:>9.1f} {r['step_method_s'] * 1e3:>9.1f} "
+                  f"{r['idle_polls_s_per_save'] * 1e3:>9.2f} {r['background_write_s']:>9.2f} "
+                  f"{r['publish_lag_s']:>9.2f} {r['step_slowdown_s_per_save'] * 1e3:>9.0f} "
+                  f"{r['first_save_s'] * 1e3:>9.0f} {r['final_save_s'] * 1e3:>9.0f}")
+        print("(blocked = save() + the poll/wait that publishes it, median over measured saves; "
+              "step-time method = step time of save/publish steps − median clean step)")
+        print()
+        print("breakdown, mean ms per measured save (inclusive; indented rows are inside the row above):")
+        print(f"  {'':<50}" + "".join(f"{name:>12}" for name in variants))
+        for label, depth in BREAKDOWN:
+            values = [results[name]["breakdown_s"][label] for name in variants]
+            if all(v < 5e-5 for v in values):
+                continue
+            print(f"  {'  ' * depth + label:<50}" + "".join(f"{v * 1e3:>12.1f}" for v in values))
+        print()
+        for name in variants[1:]:
+            print(f"ratio {name}/sync blocked: {results[name]['blocked_s'] / sync['blocked_s']:.3f}")
+        print(f"load {load['path']}: verify (sizes + CRC32) {load['verify_s'] * 1e3:.0f} ms; "
+              f"load cold {load['load_cold_s'] * 1e3:.0f} ms ({mb / load['load_cold_s']:.0f} MB/s), "
+              f"warm {load['load_warm_s'] * 1e3:.0f} ms ({mb / load['load_warm_s']:.0f} MB/s); "
+              f"weights match the trainer's at save time: {load['weights_match']}")
+        if cached_load is not None:
+            print(f"async+cache checkpoint loads back: weights match: {cached_load['weights_match']} "
+                  f"(load {cached_load['load_warm_s'] * 1e3:.0f} ms warm)")
+        print(f"async blocks {asyn['blocked_s'] * 1e3:.1f} ms/save vs sync {sync['blocked_s'] * 1e3:.1f} ms/save: "
+              f"ratio {ratio:.3f} (target <= 0.10); save {save_mbps:.0f} MB/s, load {load_mbps:.0f} MB/s")
+        if args.json:
+            out = {"device": ctx.device.type, "world_size": ctx.layout.world_size, "model": preset,
+                   "params": n_params, "save_every": args.save_every, "steps_per_run": steps_per_run,
+                   "rounds": args.rounds, "checkpoint_bytes": load["bytes"], "variants": results,
+                   "ratio_async_sync": ratio, "save_mb_s": save_mbps, "load_mb_s": load_mbps, "load": load,
+                   "cached_load": cached_load,
+                   "steps": [{k: v for k, v in st.items() if k not in ("t0", "t1")} for st in rec.steps]}
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    trainer.close()
+    dist.barrier()
+    if ctx.rank == 0 and not args.dir:
+        shutil.rmtree(base, ignore_errors=True)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
