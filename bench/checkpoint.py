@@ -73,6 +73,7 @@ PRESETS = {
 }
 
 # Timed pieces of a save: (label, depth) in print order; depth is the nesting inside a manager call.
+# Depth-0 rows plus "rest" add up to the blocked time.
 BREAKDOWN = [
     ("wait for previous save", 0),
     ("writer-results server", 0),
@@ -90,10 +91,15 @@ BREAKDOWN = [
     ("stage tensors (preload)", 1),
     ("write shards (+fsync)", 1),
     ("crc32 + sizes", 1),
+    ("check done + join writer", 0),
     ("finalize: DCP .metadata", 0),
+    ("retrieve write results", 1),
+    ("metadata.json (megatron)", 0),
     ("publish (manifest, rename, latest, retention)", 0),
     ("retention delete", 1),
+    ("rest (barriers, all-reduces, glue)", 0),
 ]
+DEPTH = dict(BREAKDOWN)
 
 
 class Recorder:
@@ -121,6 +127,17 @@ class Recorder:
             self.current = None
             self.events.append(event)
 
+    def nested_wait(self, fn, *args, **kwargs):
+        """save() waiting for the previous save: its pieces belong to that save, so keep them apart."""
+        outer, self.current = self.current, {"labels": {}}
+        start = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            inner, self.current = self.current, outer
+            outer["labels"]["wait for previous save"] = time.monotonic() - start
+            outer["wait_labels"] = inner["labels"]
+
     def label(self, name: str, fn, *args, **kwargs):
         start = time.monotonic()
         try:
@@ -141,10 +158,20 @@ class Recorder:
         setattr(owner, attr, staticmethod(timed) if static else timed)
 
 
-class CacheVariant:
-    """`async+cache`: a persistent cached-plan strategy and no re-validation after the first save."""
+FIXES = {
+    "cache": "a persistent TorchDistSaveShardedStrategy(cached_metadata=True) (+ FullyParallelSaveStrategyWrapper "
+             "when dp > 1) and validate_access_integrity=False after a run's first save",
+    "clone": "no synchronous clone of CPU tensor views (the SwiGLU fc1 halves of params and Adam states) in "
+             "prepare_write_data: the forked writer clones them from its copy-on-write snapshot",
+    "retention": "retention renames the old checkpoint aside at once and deletes it in a background thread",
+}
 
-    def __init__(self) -> None:
+
+class Fixes:
+    """The variant `async+fixes`: candidate changes to kiln's save path, monkeypatched for that variant only."""
+
+    def __init__(self, enabled: list[str]) -> None:
+        self.enabled = set(enabled)
         self.active = False
         self.strategy = None
         self.saves = 0
@@ -152,8 +179,11 @@ class CacheVariant:
     def reset(self, active: bool) -> None:
         self.active, self.strategy, self.saves = active, None, 0
 
-    def kwargs(self) -> dict:
-        if not self.active:
+    def on(self, fix: str) -> bool:
+        return self.active and fix in self.enabled
+
+    def save_kwargs(self) -> dict:
+        if not self.on("cache"):
             return {}
         if self.strategy is None:
             import torch.distributed as dist
@@ -169,7 +199,61 @@ class CacheVariant:
         return {"sharded_strategy": self.strategy, "validate_access_integrity": self.saves == 1}
 
 
-def instrument(rec: Recorder, variant: CacheVariant, writer_log: Path) -> None:
+def _is_view(tensor) -> bool:
+    return tensor.untyped_storage().size() != tensor.numel() * tensor.itemsize
+
+
+def install_fixes(fixes: Fixes) -> None:
+    """The fixes' monkeypatches; each is inert unless its fix is on for the running variant."""
+    import shutil as _shutil
+    import threading
+
+    import torch
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch.overrides import TorchFunctionMode
+
+    from kiln.checkpoint import store
+
+    class NoCpuClone(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.clone and args[0].device.type == "cpu":
+                return args[0]
+            return func(*args, **(kwargs or {}))
+
+    Writer = filesystem_async.FileSystemWriterAsync
+    prepare = Writer.prepare_write_data
+
+    def prepare_write_data(self, plan, planner):
+        if not fixes.on("clone"):
+            return prepare(self, plan, planner)
+        with NoCpuClone():
+            return prepare(self, plan, planner)
+
+    Writer.prepare_write_data = prepare_write_data
+    write_one = Writer.__dict__["write_preloaded_data"].__func__
+
+    def write_preloaded_data(*args, **kwargs):
+        # In the writer process: clone views (torch.save of a view writes its whole storage).
+        file_name, storage_key, (bytes_data, tensor_data) = kwargs["write_bucket"]
+        if any(_is_view(t) for _, t in tensor_data):
+            tensor_data = [(item, t.clone() if _is_view(t) else t) for item, t in tensor_data]
+            kwargs["write_bucket"] = (file_name, storage_key, (bytes_data, tensor_data))
+        return write_one(*args, **kwargs)
+
+    Writer.write_preloaded_data = staticmethod(write_preloaded_data)
+    delete = store.delete_checkpoint
+
+    def delete_checkpoint(root, step):
+        doomed = root / f".{store.step_dir_name(step)}.deleting"
+        if not fixes.on("retention") or doomed.exists():
+            return delete(root, step)
+        os.rename(root / store.step_dir_name(step), doomed)
+        threading.Thread(target=_shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, daemon=True).start()
+
+    store.delete_checkpoint = delete_checkpoint
+
+
+def instrument(rec: Recorder, fixes: Fixes, writer_log: Path) -> None:
     """Monkeypatch timers around the manager's calls and the megatron pieces they run."""
     import megatron.core.dist_checkpointing as dcp
     from megatron.core.dist_checkpointing import serialization, state_dict_utils
@@ -188,8 +272,9 @@ def instrument(rec: Recorder, variant: CacheVariant, writer_log: Path) -> None:
         def call(self, *args, _kind=kind, _original=original, **kwargs):
             if rec.current is None:  # a call from the training loop: one event
                 return rec.event(_kind, self, _original, self, *args, **kwargs)
-            name = "wait for previous save" if _kind == "wait" else f"nested {_kind}"
-            return rec.label(name, _original, self, *args, **kwargs)
+            if _kind == "wait":
+                return rec.nested_wait(_original, self, *args, **kwargs)
+            return rec.label(f"nested {_kind}", _original, self, *args, **kwargs)
 
         setattr(Manager, kind, call)
     rec.wrap(Manager, "_ensure_writer_results_queue", "writer-results server")
@@ -203,7 +288,7 @@ def instrument(rec: Recorder, variant: CacheVariant, writer_log: Path) -> None:
     save = dcp.save
 
     def dcp_save(*args, **kwargs):
-        kwargs.update(variant.kwargs())
+        kwargs.update(fixes.save_kwargs())
         return rec.label("dist_checkpointing.save", save, *args, **kwargs)
 
     dcp.save = dcp_save
@@ -218,6 +303,9 @@ def instrument(rec: Recorder, variant: CacheVariant, writer_log: Path) -> None:
     rec.wrap(Writer, "preload_tensors", "stage tensors (preload)", static=True)
     rec.wrap(Writer, "write_preloaded_data_multiproc", "write shards (+fsync)", static=True)
     rec.wrap(async_utils.AsyncCallsQueue, "schedule_async_request", "schedule (stage + fork)")
+    rec.wrap(async_utils.TemporalAsyncCaller, "is_current_async_call_done", "check done + join writer")
+    rec.wrap(Writer, "retrieve_write_results", "retrieve write results")
+    rec.wrap(serialization, "save_config", "metadata.json (megatron)")
     rec.wrap(async_utils.AsyncRequest, "execute_sync", "execute_sync")
 
     # The writer (in the forked process when async) logs when it ran, for the background duration.
@@ -281,7 +369,7 @@ def evict_page_cache(directory: Path) -> None:
 
 
 def run_variant(trainer, config, ctx, base: Path, name: str, round_index: int, steps: int, rec: Recorder,
-                variant: CacheVariant):
+                fixes: Fixes):
     """One training run of `steps` steps with its own CheckpointManager; returns its root."""
     import torch.distributed as dist
 
@@ -293,7 +381,7 @@ def run_variant(trainer, config, ctx, base: Path, name: str, round_index: int, s
     run_config.checkpoint.dir = str(root)
     manager = CheckpointManager(run_config, ctx, base)
     manager.prepare()
-    variant.reset(name == "async+cache")
+    fixes.reset(name == "async+fixes")
     rec.run = f"{name}/r{round_index}"
     trainer.checkpointer = manager
     trainer.config.train.max_steps = trainer.step + steps
@@ -301,88 +389,92 @@ def run_variant(trainer, config, ctx, base: Path, name: str, round_index: int, s
         trainer.train()
     finally:
         manager.close()
-        variant.reset(False)
+        fixes.reset(False)
     dist.barrier()
     return root
 
 
-def analyse(rec: Recorder, writers: list[dict], name: str, save_every: int) -> dict:
+def _add(into: dict, labels: dict) -> None:
+    for k, v in labels.items():
+        into[k] = into.get(k, 0.0) + v
+
+
+def analyse(rec: Recorder, writers: list[dict], name: str) -> dict:
     """Per-save blocked time and its breakdown for one variant (all its rounds)."""
+    from kiln.checkpoint import store
+
+    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+    mean = lambda xs: statistics.fmean(xs) if xs else 0.0  # noqa: E731
     runs = sorted({e["run"] for e in rec.events if e["run"].startswith(name + "/")})
-    saves_out, first, final, idle_polls, slowdown, bg_write, publish_lag = [], [], [], [], [], [], []
-    step_method, clean_steps_all = [], []
+    measured, first, final, idle_polls, slowdown, bg_write, publish_lag, clean_all = [], [], [], [], [], [], [], []
     for run in runs:
         events = [e for e in rec.events if e["run"] == run]
         steps = [s for s in rec.steps if s["run"] == run]
-        saves = [e for e in events if e["kind"] == "save"]
-        per_save = {e["step"]: {"event": e, "call": e["total"] - e["labels"].get("wait for previous save", 0.0),
-                                "publish": 0.0, "labels": dict(e["labels"])} for e in saves}
-        for rec_save in per_save.values():  # the wait for the previous save is charged to that one
-            rec_save["labels"].pop("wait for previous save", None)
-        # Who published each save: a poll, a wait, or the wait inside the next save.
+        saves = {e["step"]: {"event": e, "labels": dict(e["labels"]), "publish": 0.0}
+                 for e in rec.events if e["run"] == run and e["kind"] == "save"}
+        for entry in saves.values():
+            entry["labels"].pop("wait for previous save", None)  # charged to the save waited for
+            entry["call"] = entry["event"]["total"] - entry["event"]["labels"].get("wait for previous save", 0.0)
+        # Who published each save: a poll or wait from the loop, or the wait inside the next save.
         for e in events:
-            owner = e["in_flight_before"]
-            if owner is None or owner not in per_save:
+            owner = saves.get(e["in_flight_before"])
+            if owner is None:
                 continue
             if e["kind"] in ("poll", "wait") and e["published"]:
-                per_save[owner]["publish"] += e["total"]
-                for k, v in e["labels"].items():
-                    per_save[owner]["labels"][k] = per_save[owner]["labels"].get(k, 0.0) + v
-            elif e["kind"] == "save" and "wait for previous save" in e["labels"]:
-                per_save[owner]["publish"] += e["labels"]["wait for previous save"]
-                per_save[owner]["labels"]["wait for previous save"] = e["labels"]["wait for previous save"]
-        idle = sum(e["total"] for e in events if e["kind"] == "poll" and not e["published"])
-        ordered = sorted(per_save)
-        measured = ordered[1:-1]
-        first.append(per_save[ordered[0]]["call"] + per_save[ordered[0]]["publish"])
-        final.append(per_save[ordered[-1]]["call"] + per_save[ordered[-1]]["publish"])
-        # Step-time method: (train step + checkpoint work) of steps with saves/publishes vs clean steps.
-        clean = [s["train"] + s["ckpt"] for s in steps if not s["overlap"] and s["ckpt_kind"] == "idle"]
-        clean_steps_all += [s["train"] for s in steps if not s["overlap"]]
-        base_step = statistics.median(clean) if clean else float("nan")
-        for step in measured:
-            entry = per_save[step]
+                owner["publish"] += e["total"]
+                _add(owner["labels"], e["labels"])
+            elif e["kind"] == "save" and "wait_labels" in e:
+                waited = e["labels"]["wait for previous save"]
+                owner["publish"] += waited
+                _add(owner["labels"], e["wait_labels"])
+                pure = waited - sum(v for k, v in e["wait_labels"].items() if DEPTH.get(k) == 0)
+                _add(owner["labels"], {"wait for previous save": pure})
+        for entry in saves.values():
             entry["blocked"] = entry["call"] + entry["publish"]
-            publisher = [s for s in steps if s["step"] == step or s.get("published") == step]
-            entry["step_method"] = sum(s["train"] + s["ckpt"] - base_step for s in publisher)
-            saves_out.append(entry)
-        idle_polls.append(idle / max(len(saves), 1))
-        # Background writes: interval of the writer (if any) and its cost to overlapping steps.
-        from kiln.checkpoint import store
-
-        base_train = statistics.median([s["train"] for s in steps if not s["overlap"]] or [float("nan")])
-        for step in measured:
+            labelled = sum(v for k, v in entry["labels"].items() if DEPTH.get(k) == 0)
+            entry["labels"]["rest (barriers, all-reduces, glue)"] = entry["blocked"] - labelled
+        ordered = sorted(saves)
+        first.append(saves[ordered[0]]["blocked"])
+        final.append(saves[ordered[-1]]["blocked"])
+        idle_polls.append(sum(e["total"] for e in events if e["kind"] == "poll" and not e["published"]) / len(saves))
+        # Step-time method: wall time of the saving step (train + checkpoint work) minus the median
+        # clean step, plus the publishing poll (the train part of that step overlaps the writer:
+        # it is counted in the step slowdown instead).
+        clean = [s["train"] + s["ckpt"] for s in steps if not s["overlap"] and s["ckpt_kind"] == "idle"]
+        clean_all += [s["train"] for s in steps if not s["overlap"] and s["ckpt_kind"] == "idle"]
+        base_step, base_train = med(clean), med([s["train"] for s in steps if not s["overlap"]])
+        by_step = {s["step"]: s for s in steps}
+        for step in ordered[1:-1]:
+            entry = saves[step]
+            saving = by_step[step]
+            waited = entry["event"]["labels"].get("wait for previous save", 0.0)  # charged to the previous save
+            entry["step_method"] = saving["train"] + saving["ckpt"] - waited - base_step + entry["publish"]
+            measured.append(entry)
             w = [x for x in writers if x["dir"] == store.partial_dir_name(step)]
-            if not w:
+            if name == "sync" or not w:
                 continue
             start, end = min(x["start"] for x in w), max(x["end"] for x in w)
-            if per_save[step]["event"]["blocking"] or name == "sync":
-                continue
             bg_write.append(end - start)
             pub = [e for e in events if e["in_flight_before"] == step and e["published"]]
             if pub:
                 publish_lag.append(pub[0]["end"] - end)
-            slowdown.append(sum(s["train"] - base_train for s in steps
-                                if s["t0"] < end and s["t1"] > start))
-    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
-    mean = lambda xs: statistics.fmean(xs) if xs else 0.0  # noqa: E731
-    labels = {label: mean([s["labels"].get(label, 0.0) for s in saves_out]) for label, _ in BREAKDOWN}
+            slowdown.append(sum(s["train"] - base_train for s in steps if s["t0"] < end and s["t1"] > start))
     return {
         "runs": len(runs),
-        "measured_saves": len(saves_out),
-        "blocked_s": med([s["blocked"] for s in saves_out]),
-        "blocked_s_all": [s["blocked"] for s in saves_out],
-        "save_call_s": med([s["call"] for s in saves_out]),
-        "publish_s": med([s["publish"] for s in saves_out]),
-        "step_method_s": med([s["step_method"] for s in saves_out]),
+        "measured_saves": len(measured),
+        "blocked_s": med([s["blocked"] for s in measured]),
+        "blocked_s_all": [s["blocked"] for s in measured],
+        "save_call_s": med([s["call"] for s in measured]),
+        "publish_s": med([s["publish"] for s in measured]),
+        "step_method_s": med([s["step_method"] for s in measured]),
         "idle_polls_s_per_save": mean(idle_polls),
         "first_save_s": med(first),
         "final_save_s": med(final),
         "background_write_s": med(bg_write),
         "publish_lag_s": med(publish_lag),
         "step_slowdown_s_per_save": med(slowdown) if slowdown else 0.0,
-        "clean_step_s": med(clean_steps_all),
-        "breakdown_s": labels,
+        "clean_step_s": med(clean_all),
+        "breakdown_s": {label: mean([s["labels"].get(label, 0.0) for s in measured]) for label, _ in BREAKDOWN},
     }
 
 
@@ -400,8 +492,9 @@ def main() -> None:
                         help="measured saves per run, besides the first and the final one (default 3)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every variant once (default 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed train steps first (default 2)")
-    parser.add_argument("--try-cached-plan", action="store_true",
-                        help="also run async+cache (cached DCP plan, no re-validation after the first save)")
+    parser.add_argument("--try-fixes", nargs="?", const=",".join(FIXES), metavar="LIST",
+                        help="also run the variant async+fixes with these candidate fixes to kiln's save path "
+                             f"(comma-separated; default all: {', '.join(FIXES)})")
     parser.add_argument("--dir", help="where the runs go (default: a temp dir, removed afterwards)")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--verbose", action="store_true", help="show kiln's log lines (each publish, the load)")
@@ -442,8 +535,13 @@ def main() -> None:
     config.train.run_dir = str(base)
     dist.barrier()
 
-    rec, cache_variant = Recorder(), CacheVariant()
-    instrument(rec, cache_variant, writer_log)
+    fix_names = [f for f in (args.try_fixes or "").split(",") if f]
+    unknown = set(fix_names) - set(FIXES)
+    if unknown:
+        parser.error(f"--try-fixes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FIXES)}")
+    rec, fixes = Recorder(), Fixes(fix_names)
+    install_fixes(fixes)
+    instrument(rec, fixes, writer_log)
     trainer, vocab_size = build(config, ctx)
     n_params = sum(p.numel() for m in trainer.models for p in m.parameters())
 
@@ -475,25 +573,25 @@ def main() -> None:
     for _ in range(args.warmup):
         train_step()
 
-    variants = ["sync", "async"] + (["async+cache"] if args.try_cached_plan else [])
+    variants = ["sync", "async"] + (["async+fixes"] if fix_names else [])
     steps_per_run = args.save_every * (args.saves + 2)  # first + measured + the final (blocking) save
     roots: dict[str, list[Path]] = {v: [] for v in variants}
     weights_at_end: dict[str, dict] = {}
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()[0]
     for round_index in range(args.rounds):
         order = variants if round_index % 2 == 0 else variants[::-1]
         for name in order:
             roots[name].append(run_variant(trainer, config, ctx, base, name, round_index, steps_per_run, rec,
-                                           cache_variant))
+                                           fixes))
             weights_at_end[f"{name}/r{round_index}"] = snapshot(trainer)
-    train_wall = time.monotonic() - started
+    train_wall, load_after = time.monotonic() - started, os.getloadavg()[0]
 
     # Step numbers go on across runs, so a writer's directory name (.step_N.partial) names its save.
     writers = [json.loads(path.read_text()) for path in writer_log.glob("*.json")] if ctx.rank == 0 else []
 
-    results = {name: analyse(rec, writers, name, args.save_every) for name in variants}
+    results = {name: analyse(rec, writers, name) for name in variants}
 
-    # Load: a fresh trainer, the last sync run's final checkpoint (and async+cache's, for correctness).
+    # Load: a fresh trainer, the last sync run's final checkpoint (and async+fixes', for correctness).
     from kiln.checkpoint import store
     from kiln.checkpoint.manager import CheckpointManager
 
@@ -523,7 +621,7 @@ def main() -> None:
 
     last_round = args.rounds - 1
     load = load_from(roots["sync"][-1], f"sync/r{last_round}")
-    cached_load = load_from(roots["async+cache"][-1], f"async+cache/r{last_round}") if args.try_cached_plan else None
+    fixes_load = load_from(roots["async+fixes"][-1], f"async+fixes/r{last_round}") if fix_names else None
 
     sync, asyn = results["sync"], results["async"]
     ratio = asyn["blocked_s"] / sync["blocked_s"]
@@ -539,6 +637,8 @@ def main() -> None:
         print(f"checkpoint {mb:.1f} MB in {load['files']} files; save every {args.save_every} steps, "
               f"{steps_per_run} steps per run, {args.rounds} rounds × {len(variants)} variants "
               f"(order alternating), {train_wall:.0f}s; median clean train step {sync['clean_step_s'] * 1e3:.0f} ms")
+        print(f"machine load average (1 min) {load_before:.1f} before the runs, {load_after:.1f} after "
+              f"(above the {os.cpu_count()} CPUs means other processes competed with the bench)")
         print()
         head = (f"{'variant':<12} {'saves':>5} {'blocked':>9} {'save()':>9} {'publish':>9} {'step-time':>9} "
                 f"{'idle poll':>9} {'bg write':>9} {'pub. lag':>9} {'step slow':>9} {'1st save':>9} {'final':>9}")
@@ -569,17 +669,17 @@ def main() -> None:
               f"load cold {load['load_cold_s'] * 1e3:.0f} ms ({mb / load['load_cold_s']:.0f} MB/s), "
               f"warm {load['load_warm_s'] * 1e3:.0f} ms ({mb / load['load_warm_s']:.0f} MB/s); "
               f"weights match the trainer's at save time: {load['weights_match']}")
-        if cached_load is not None:
-            print(f"async+cache checkpoint loads back: weights match: {cached_load['weights_match']} "
-                  f"(load {cached_load['load_warm_s'] * 1e3:.0f} ms warm)")
+        if fixes_load is not None:
+            print(f"async+fixes ({', '.join(fix_names)}): its last checkpoint ({fixes_load['bytes'] / 1e6:.1f} MB) "
+                  f"loads back, weights match: {fixes_load['weights_match']}")
         print(f"async blocks {asyn['blocked_s'] * 1e3:.1f} ms/save vs sync {sync['blocked_s'] * 1e3:.1f} ms/save: "
               f"ratio {ratio:.3f} (target <= 0.10); save {save_mbps:.0f} MB/s, load {load_mbps:.0f} MB/s")
         if args.json:
             out = {"device": ctx.device.type, "world_size": ctx.layout.world_size, "model": preset,
                    "params": n_params, "save_every": args.save_every, "steps_per_run": steps_per_run,
-                   "rounds": args.rounds, "checkpoint_bytes": load["bytes"], "variants": results,
+                   "rounds": args.rounds, "loadavg": [load_before, load_after], "checkpoint_bytes": load["bytes"], "variants": results,
                    "ratio_async_sync": ratio, "save_mb_s": save_mbps, "load_mb_s": load_mbps, "load": load,
-                   "cached_load": cached_load,
+                   "fixes": fix_names, "fixes_load": fixes_load,
                    "steps": [{k: v for k, v in st.items() if k not in ("t0", "t1")} for st in rec.steps]}
             Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     trainer.close()

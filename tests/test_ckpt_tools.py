@@ -130,7 +130,8 @@ def test_convert_to_safetensors_with_optimizer_state(run, report, reference, tmp
 
 def test_safetensors_missing_says_how_to_install_it(step_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)  # makes `import safetensors` raise ImportError
-    code, _, err = kiln_here(capsys, "ckpt", "convert", str(step_dir), str(tmp_path / "m.bin"), "--format", "safetensors")
+    out = tmp_path / "model.bin"
+    code, _, err = kiln_here(capsys, "ckpt", "convert", str(step_dir), str(out), "--format", "safetensors")
     assert code == 2 and "`pip install safetensors`" in err
     assert not any(tmp_path.iterdir())
 

@@ -78,7 +78,8 @@ def resolve_step_dir(path: Path) -> Path:
             latest = store.read_latest(root)
             return root / store.step_dir_name(latest if latest in steps else steps[-1])
     raise KilnCheckpointError(f"{path} holds no checkpoint (no {DCP_INDEX}, no {store.MANIFEST}, no step_* "
-                              f"directories); pass a step directory or a checkpoint directory such as <run_dir>/checkpoints")
+                              f"directories); pass a step directory or a checkpoint directory such as "
+                              f"<run_dir>/checkpoints")
 
 
 def looks_like_step_dir(path: Path) -> bool:
@@ -144,7 +145,11 @@ def inspect_checkpoint(path: Path, checksums: bool = True) -> dict[str, Any]:
     step_dir = resolve_step_dir(path)
     meta = read_kiln_meta(step_dir)
     verdict = store.verify_checkpoint(step_dir, checksums=checksums)
-    tensors, objects = list_entries(read_dcp_index(step_dir))
+    tensors, objects, index_error = [], [], None
+    try:
+        tensors, objects = list_entries(read_dcp_index(step_dir))
+    except KilnCheckpointError as err:  # still report the rest: it may say why (a damaged .metadata)
+        index_error = str(err)
     files = [p for p in step_dir.iterdir() if p.is_file()]
     model = [t for t in tensors if t.kind == "model"]
     optimizer = [t for t in tensors if t.kind == "optimizer"]
@@ -160,10 +165,12 @@ def inspect_checkpoint(path: Path, checksums: bool = True) -> dict[str, Any]:
         "verified": {"ok": verdict.ok, "reason": verdict.reason, "checksums": checksums},
         "files": len(files),
         "total_bytes": sum(p.stat().st_size for p in files),
-        "model": {"tensors": len(model), "parameters": sum(t.numel for t in model), "bytes": sum(t.nbytes for t in model)},
+        "model": {"tensors": len(model), "parameters": sum(t.numel for t in model),
+                  "bytes": sum(t.nbytes for t in model)},
         "optimizer": {"tensors": len(optimizer), "bytes": sum(t.nbytes for t in optimizer)},
         "tensors": [t.as_json() for t in tensors],
         "objects": objects,
+        "index_error": index_error,
     }
 
 
@@ -180,8 +187,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"versions     {_format_versions(report['versions'])}",
         f"manifest     {verdict}",
         f"files        {report['files']}, {_human_bytes(report['total_bytes'])}",
-        f"parameters   {report['model']['parameters']:,}",
+        f"parameters   {'?' if report['index_error'] else format(report['model']['parameters'], ',')}",
     ]
+    if report["index_error"]:
+        lines.append(f"tensors      unknown: {report['index_error']}")
     for kind in ("model", "optimizer"):
         rows = [t for t in report["tensors"] if t["kind"] == kind]
         if rows:
@@ -231,7 +240,7 @@ def _human_bytes(n: int) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     report = inspect_checkpoint(Path(args.path), checksums=not args.no_checksums)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
-    return 0 if report["verified"]["ok"] else EXIT_DAMAGED
+    return 0 if report["verified"]["ok"] and not report["index_error"] else EXIT_DAMAGED
 
 
 # -- convert ------------------------------------------------------------------------------------
@@ -350,8 +359,9 @@ def current_umask() -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    done = convert_checkpoint(Path(args.path), Path(args.out), fmt=args.format, include_optimizer=args.include_optimizer,
-                              checksums=not args.no_checksums, overwrite=args.overwrite)
+    done = convert_checkpoint(Path(args.path), Path(args.out), fmt=args.format,
+                              include_optimizer=args.include_optimizer, checksums=not args.no_checksums,
+                              overwrite=args.overwrite)
     print(f"wrote {done.out} ({done.format}): {done.tensors} tensors, {done.parameters:,} values, "
           f"{done.file_bytes:,} bytes ({_human_bytes(done.file_bytes)}) from {done.step_dir}")
     return 0
@@ -368,7 +378,8 @@ def add_ckpt_parser(sub) -> None:
     p = csub.add_parser("inspect", help="step, counters, layout, integrity and tensor table of a checkpoint")
     p.add_argument("path", help=where)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
-    p.add_argument("--no-checksums", action="store_true", help="verify file sizes only, not CRC32s (fast on big checkpoints)")
+    p.add_argument("--no-checksums", action="store_true",
+                   help="verify file sizes only, not CRC32s (fast on big checkpoints)")
     p.set_defaults(handler=cmd_inspect)
 
     p = csub.add_parser("convert", help="write the full model tensors into one torch or safetensors file")
