@@ -177,11 +177,51 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class StreamConfig:
+    """One dataset of a mixture: its share by proportion, or by how often it repeats."""
+
+    path: str = ""
+    """MDS dataset directory (local) or remote URL."""
+    proportion: float | None = None
+    """Fraction of every epoch drawn from this dataset (all streams give one, or none does)."""
+    repeat: float | None = None
+    """Upsample (> 1) or downsample (< 1) this dataset by this factor instead."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.streams: every stream needs a path")
+        _check(self.proportion is None or self.repeat is None,
+               f"data.streams: {self.path} sets both proportion and repeat; give one")
+        _check(self.proportion is None or self.proportion > 0,
+               f"data.streams: {self.path} proportion must be > 0, got {self.proportion}")
+        _check(self.repeat is None or self.repeat > 0, f"data.streams: {self.path} repeat must be > 0, got {self.repeat}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ValConfig:
+    """Held-out data evaluated during training (forward only, the same parallel layout)."""
+
+    path: str | None = None
+    """MDS dataset of validation samples (e.g. `kiln data prepare` on held-out text); None: no validation."""
+    every: int = 0
+    """Evaluate every N steps and at the last step; 0 evaluates only at the last step."""
+    batches: int = 4
+    """Micro-batches per data-parallel rank in each evaluation (the same ones every time)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, f"data.val.every must be >= 0, got {self.every}")
+        _check(self.batches >= 1, f"data.val.batches must be >= 1, got {self.batches}")
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Where training samples come from."""
 
     path: str | None = None
     """MDS dataset directory (local) or remote URL (s3://, gs://, ...); None uses the bundled corpus."""
+    streams: list[StreamConfig] | None = None
+    """A mixture of datasets instead of `path`: [{path, proportion | repeat}, ...]."""
+    val: ValConfig = field(default_factory=ValConfig)
+    """Validation split."""
     tokenizer: str | None = None
     """tokenizer.json the dataset was made with; None uses the bundled one."""
     shuffle: bool = True
@@ -191,6 +231,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.streams is not None:
+            _check(self.path is None, "data.path and data.streams are both set; use streams alone for a mixture")
+            _check(len(self.streams) >= 1, "data.streams is empty; list at least one {path, proportion | repeat}")
+            kinds = {"proportion" if s.proportion is not None else "repeat" if s.repeat is not None else None
+                     for s in self.streams}
+            _check(len(kinds) == 1,
+                   "data.streams mixes proportion, repeat and neither; give every stream a proportion, "
+                   "or every stream a repeat (or none)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -320,6 +368,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except KilnConfigError as err:
                 errors.append(str(err))
         raise KilnConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise KilnConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

@@ -60,7 +60,7 @@ def run(config: RunConfig) -> list[dict]:
     Raises TrainingPreempted after a stop signal's checkpoint (the CLI exits 75 on it).
     """
     from kiln.checkpoint.manager import CheckpointManager
-    from kiln.data.setup import build_batches
+    from kiln.data.setup import build_batches, build_val_batches
     from kiln.model.builder import build_model, transformer_config
     from kiln.parallel.backend import destroy_parallel, init_parallel
     from kiln.plan.flops import flops_per_token, peak_flops
@@ -101,6 +101,7 @@ def run(config: RunConfig) -> list[dict]:
             peak_flops=peak_flops(ctx.device),
             checkpointer=checkpointer,
             preemption=preemption,
+            val_batches=build_val_batches(config, ctx),
         )
         meta = checkpointer.load(resume_from, trainer) if resume_from is not None else {}
         trainer.wandb_run_id = meta.get("wandb_run_id") or (new_wandb_run_id(config) if ctx.rank == 0 else None)

@@ -207,7 +207,7 @@ class TrainLoader:
 
 
 def build_train_loader(
-    path: str,
+    source: str | list[dict[str, Any]],
     *,
     micro_batch_size: int,
     seed: int,
@@ -222,11 +222,14 @@ def build_train_loader(
 ) -> TrainLoader:
     """Build the endless micro-batch iterator of this rank. Collective: every rank calls it.
 
-    ``global_batch_size`` (micro-batch × dp × accumulation; default micro-batch × dp) makes
-    every epoch a whole number of global batches. A remote ``path`` (``s3://…``) is cached
-    under ``cache_dir`` (default ``$KILN_CACHE_DIR/streaming/<hash>``).
+    ``source`` is one dataset (a path or URL) or a mixture: ``[{"path", "proportion" | "repeat"}]``,
+    mixed by streaming's ``Stream`` weights (each epoch draws exactly ``proportion`` of its
+    samples from each stream, or every stream ``repeat`` times). ``global_batch_size``
+    (micro-batch × dp × accumulation; default micro-batch × dp) makes every epoch a whole
+    number of global batches. A remote path (``s3://…``) is cached under ``cache_dir``
+    (default ``$KILN_CACHE_DIR/streaming/<hash>``).
     """
-    from streaming import StreamingDataset
+    from streaming import Stream, StreamingDataset
 
     if micro_batch_size < 1 or dp_size < 1 or replication < 1 or not 0 <= dp_rank < dp_size:
         raise KilnDataError(f"data loader: bad micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, "
@@ -238,23 +241,30 @@ def build_train_loader(
                             f"micro_batch_size({micro_batch_size}) × dp_size({dp_size}) = {step}")
     _check_world(dp_rank, dp_size, replication)
 
+    mixture = not isinstance(source, str)
+    streams = [dict(s) for s in source] if mixture else [{"path": source}]
+    located = [_locate(s["path"], cache_dir) for s in streams]  # (location kwargs, meta, samples)
+    meta = _common_meta([m for _, m, _ in located], [s["path"] for s in streams])
     kwargs: dict[str, Any] = {}
-    meta: dict | None = None
-    if is_remote(path):
-        if cache_dir is None:
-            root = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
-            cache_dir = os.path.join(root, "streaming", hashlib.sha256(path.encode()).hexdigest()[:16])
-        kwargs.update(remote=path, local=cache_dir)
-        log.warning("remote dataset %s: epoch size is not aligned to the global batch (sample count unknown "
-                    "before download); the last global batch of an epoch may differ between topologies", path)
+    counts = [n for _, _, n in located]
+    weights = [{"proportion": s.get("proportion"), "repeat": s.get("repeat")} for s in streams]
+    if all(n is not None for n in counts):
+        repeats = [s.get("repeat") or 1.0 for s in streams]
+        total = int(sum(n * r for n, r in zip(counts, repeats)))
+        kwargs["epoch_size"] = max(gbs, total // gbs * gbs)
+        if mixture and any(s.get("repeat") for s in streams):
+            # Streaming takes no epoch size with repeats; the same shares as proportions do,
+            # and keep the epoch a whole number of global batches.
+            weights = [{"proportion": n * r / total, "repeat": None} for n, r in zip(counts, repeats)]
+        if total < gbs:
+            log.warning("data %s has %d samples, fewer than one global batch (%d): samples repeat", source, total, gbs)
     else:
-        if not os.path.isfile(os.path.join(path, INDEX_FILE)):
-            raise KilnDataError(f"no MDS dataset at {path} ({INDEX_FILE} missing); prepare it with `kiln data prepare`")
-        meta = read_meta(path)
-        n = _num_samples(path)
-        kwargs.update(local=os.path.abspath(path), epoch_size=max(gbs, n // gbs * gbs))
-        if n < gbs:
-            log.warning("dataset %s has %d samples, fewer than one global batch (%d): samples repeat", path, n, gbs)
+        log.warning("remote dataset in %s: epoch size is not aligned to the global batch (sample count unknown "
+                    "before download); the last global batch of an epoch may differ between topologies", source)
+    if mixture:
+        kwargs["streams"] = [Stream(**where, **weight) for (where, _, _), weight in zip(located, weights)]
+    else:
+        kwargs.update(located[0][0])
 
     try:
         with _streaming_registration_lock():
@@ -271,7 +281,7 @@ def build_train_loader(
     except ValueError as e:
         if "Reused local directory" in str(e):
             raise KilnDataError(
-                f"data loader: streaming found shared memory of an earlier run on {kwargs['local']} (a killed job?); "
+                f"data loader: streaming found shared memory of an earlier run on {source} (a killed job?); "
                 f"call kiln.data.loader.clean_stale_shm() once at job start, or use another cache_dir") from e
         raise
     loader = TrainLoader(dataset, micro_batch_size=micro_batch_size, dp_size=dp_size, num_workers=num_workers,
@@ -280,6 +290,29 @@ def build_train_loader(
         # Remote: the index is in the local cache now; read the width of the tokens column.
         loader.seq_len = int(dataset.shards[0].column_encodings[0].rsplit(":", 1)[-1]) - 1
     return loader
+
+
+def _locate(path: str, cache_dir: str | None) -> tuple[dict[str, str], dict | None, int | None]:
+    """Streaming location kwargs, kiln metadata and sample count (None, None for remote data)."""
+    if is_remote(path):
+        root = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+        local = os.path.join(cache_dir or os.path.join(root, "streaming"), hashlib.sha256(path.encode()).hexdigest()[:16])
+        return {"remote": path, "local": local}, None, None
+    if not os.path.isfile(os.path.join(path, INDEX_FILE)):
+        raise KilnDataError(f"no MDS dataset at {path} ({INDEX_FILE} missing); prepare it with `kiln data prepare`")
+    return {"local": os.path.abspath(path)}, read_meta(path), _num_samples(path)
+
+
+def _common_meta(metas: list[dict | None], paths: list[str]) -> dict | None:
+    """The metadata every local stream agrees on; mixed sample lengths or vocabularies are an error."""
+    known = [(m, p) for m, p in zip(metas, paths) if m is not None]
+    for key in ("seq_len", "vocab_size"):
+        values = {m.get(key) for m, _ in known}
+        if len(values) > 1:
+            listing = ", ".join(f"{p}: {m.get(key)}" for m, p in known)
+            raise KilnDataError(f"data.streams disagree on {key} ({listing}); prepare them with the same "
+                                f"tokenizer and --seq-len")
+    return known[0][0] if known else None
 
 
 def clean_stale_shm() -> None:

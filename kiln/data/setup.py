@@ -13,15 +13,27 @@ from kiln.errors import KilnDataError
 log = logging.getLogger("kiln")
 
 
+def training_source(config: RunConfig) -> str | list[dict] | None:
+    """data.path, or data.streams as plain dicts; None means the bundled corpus."""
+    if config.data.streams:
+        return [{"path": s.path, "proportion": s.proportion, "repeat": s.repeat} for s in config.data.streams]
+    return config.data.path
+
+
 def check_data(config: RunConfig) -> int:
-    """Fail fast, before any process starts: the tokenizer and a local dataset must be readable
-    and agree with the model. Returns the vocabulary size."""
+    """Fail fast, before any process starts: the tokenizer and every local dataset (training
+    streams and validation) must be readable and agree with the model. Returns the vocab size."""
     from kiln.data.loader import dataset_seq_len
     from kiln.plan.dry_run import resolve_vocab_size
 
     vocab_size = resolve_vocab_size(config)
-    path = config.data.path
-    if path and "://" not in path:
+    source = training_source(config)
+    paths = [source] if isinstance(source, str) else [s["path"] for s in source or []]
+    if config.data.val.path:
+        paths.append(config.data.val.path)
+    for path in paths:
+        if "://" in path:
+            continue
         stored = dataset_seq_len(path)
         if stored != config.model.seq_len:
             raise KilnDataError(
@@ -38,10 +50,10 @@ def build_batches(config: RunConfig, ctx) -> tuple[Iterator[dict[str, torch.Tens
 
     vocab_size = check_data(config)
     seq_len = config.model.seq_len
-    path = config.data.path or ensure_bundled_dataset(seq_len)
+    source = training_source(config) or ensure_bundled_dataset(seq_len)
     layout, coords = ctx.layout, ctx.coords
     loader = build_train_loader(
-        path,
+        source,
         micro_batch_size=config.train.micro_batch_size,
         seed=config.train.seed,
         shuffle=config.data.shuffle,
@@ -52,5 +64,32 @@ def build_batches(config: RunConfig, ctx) -> tuple[Iterator[dict[str, torch.Tens
         global_batch_size=config.train.global_batch_size,
     )
     if ctx.rank == 0:
-        log.info(f"data: {path} (seq_len {seq_len}, {layout.dp} data-parallel replica(s))")
+        what = source if isinstance(source, str) else ", ".join(
+            f"{s['path']} ({'proportion ' + str(s['proportion']) if s['proportion'] else 'repeat ' + str(s['repeat'] or 1)})"
+            for s in source)
+        log.info(f"data: {what} (seq_len {seq_len}, {layout.dp} data-parallel replica(s))")
     return iter(loader), vocab_size
+
+
+def build_val_batches(config: RunConfig, ctx) -> list[dict[str, torch.Tensor]] | None:
+    """This rank's validation micro-batches, read once and kept: every evaluation sees the same ones."""
+    from kiln.data.loader import build_train_loader
+
+    val = config.data.val
+    if not val.path:
+        return None
+    layout = ctx.layout
+    loader = build_train_loader(
+        val.path,
+        micro_batch_size=config.train.micro_batch_size,
+        seed=config.train.seed,
+        shuffle=False,
+        dp_rank=ctx.coords["dp"],
+        dp_size=layout.dp,
+        replication=layout.replica_size,
+    )
+    batches = [next(loader) for _ in range(val.batches)]
+    if ctx.rank == 0:
+        total = val.batches * config.train.micro_batch_size * layout.dp
+        log.info(f"validation: {val.path}, {total} samples per evaluation")
+    return batches

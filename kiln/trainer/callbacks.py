@@ -31,6 +31,7 @@ class ConsoleLogger(Callback):
             f"step {m['step']:>{self.width}} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
             f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | {m['step_time_s'] * 1000:.0f} ms"
             + (f" | MFU {m['mfu'] * 100:.1f}%" if m.get("mfu") is not None else "")
+            + (f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
         )
 
 
@@ -72,7 +73,8 @@ class WandbLogger(Callback):
         log.info(f"W&B {mode}: {Path(self.run.dir).parent}" + (" (upload later with `wandb sync`)" if mode == "offline" else ""))
 
     def on_log(self, m: dict[str, Any]) -> None:
-        self.run.log({f"train/{k}": v for k, v in m.items() if k != "step"}, step=m["step"])
+        self.run.log({(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"): v for k, v in m.items() if k != "step"},
+                     step=m["step"])
 
     def close(self) -> None:
         self.run.finish()

@@ -9,6 +9,7 @@ averages the gradients over data-parallel ranks, and the optimizer clips and ste
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import partial
 from typing import Any, Iterator
@@ -44,6 +45,7 @@ class Trainer:
         checkpointer=None,
         preemption=None,
         wandb_run_id: str | None = None,
+        val_batches: list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -57,6 +59,7 @@ class Trainer:
             pp_size=ctx.layout.pp, vp_size=ctx.layout.virtual_pp
         )
         self.checkpointer, self.preemption, self.wandb_run_id = checkpointer, preemption, wandb_run_id
+        self.val_batches = val_batches
         self.step = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
@@ -97,6 +100,38 @@ class Trainer:
             loss_stats[1] = 1.0
         return loss_stats, float(grad_norm) if grad_norm is not None else float("nan")
 
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the validation micro-batches (forward only, the same schedule)."""
+        for model in self.models:
+            model.eval()
+        with torch.no_grad():
+            losses = self.forward_backward(
+                forward_step_func=self._forward_step,
+                data_iterator=[iter(self.val_batches) for _ in self.models] if len(self.models) > 1
+                else iter(self.val_batches),
+                model=self.models if len(self.models) > 1 else self.models[0],
+                num_microbatches=len(self.val_batches),
+                seq_length=self.config.model.seq_len,
+                micro_batch_size=self.config.train.micro_batch_size,
+                decoder_seq_length=self.config.model.seq_len,
+                forward_only=True,
+            )
+        for model in self.models:
+            model.train()
+        stats = torch.zeros(2, dtype=torch.float64)
+        if losses:
+            stats[0] = sum(float(d["lm loss"]) for d in losses) / len(losses)
+            stats[1] = 1.0
+        dist.all_reduce(stats)
+        loss = float(stats[0] / stats[1])
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def _evaluation_due(self) -> bool:
+        if self.val_batches is None:
+            return False
+        every = self.config.data.val.every
+        return self.step == self.config.train.max_steps or bool(every and self.step % every == 0)
+
     # -- the loop ----------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
         """Train to ``train.max_steps``; raises TrainingPreempted after a stop signal's save."""
@@ -111,7 +146,8 @@ class Trainer:
             self.consumed_samples += cfg.global_batch_size
             self.consumed_tokens += self.tokens_per_step
             window_steps += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            evaluate = self._evaluation_due()
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or evaluate:
                 if self.ctx.device.type == "cuda":
                     torch.cuda.synchronize()
                 step_time = (time.perf_counter() - window_start) / window_steps
@@ -119,6 +155,8 @@ class Trainer:
                 # pairs over the world and dividing averages over data-parallel replicas.
                 dist.all_reduce(loss_stats)
                 metrics = self._metrics(float(loss_stats[0] / loss_stats[1]), grad_norm, step_time)
+                if evaluate:
+                    metrics.update(self.evaluate())
                 history.append(metrics)
                 if self.ctx.rank == 0:
                     for callback in self.callbacks:
