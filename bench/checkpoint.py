@@ -2,50 +2,66 @@
 
 Builds a trainer exactly as ``kiln train`` does (kiln.train.run: init_parallel, build_batches,
 transformer_config, build_model, wrap_ddp, build_optimizer, finalize_grads_hook,
-build_scheduler, Trainer with a CheckpointManager) on the bundled dataset, then runs kiln's own
-training loop (``Trainer.train``) several times with ``checkpoint.every=K``: once per variant and
-round, alternating the variant order between rounds so drift in machine load hits both equally.
+build_scheduler, Trainer with a CheckpointManager; bundled dataset, W&B disabled, a temp dir),
+then runs kiln's own loop (``Trainer.train``) once per variant and round with
+``checkpoint.every=K``, alternating the variant order between rounds so drift in machine load
+hits both alike. Every manager call, and the megatron pieces inside it, is timed in place.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/checkpoint.py               # CPU, 1 process, ~2 min
-    OMP_NUM_THREADS=2 .venv/bin/python bench/checkpoint.py --try-cached-plan   # + a 3rd variant
-    torchrun --nproc-per-node 2 bench/checkpoint.py --preset cpu         # data parallel, gloo
-    python bench/checkpoint.py --preset gpu --json ckpt.json             # ~125M model on a GPU
+    OMP_NUM_THREADS=2 .venv/bin/python bench/checkpoint.py                  # CPU, 1 process, 2-4 min
+    OMP_NUM_THREADS=2 .venv/bin/python bench/checkpoint.py --try-fixes      # + variant async+fixes
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/checkpoint.py       # dp=2 over gloo
+    python bench/checkpoint.py --preset gpu --json ckpt.json                # ~125M bf16 model, 1 GPU
 
-What is measured (every manager call is timed from inside the real loop):
+Columns:
 
-* **blocked per save**: the time the training thread spends in checkpoint work for one save.
-  Sync: the whole ``save()``. Async: ``save()`` (minus any wait for the *previous* save, which
-  is charged to that one) + the ``poll()`` that publishes it (or the ``wait()`` that does).
-  Cross-check: the step time of steps with checkpoint work minus the median step time of steps
-  without (``step-time method``). The first save of a run (it starts megatron's writer-results
-  server: a spawned process) and the last step's save (blocking by design, in both modes) are
-  reported apart and not in the medians. ``idle polls`` (the non-blocking all-reduce after every
-  step while a write is in flight) are shown per save too.
-* **step slowdown**: async saves also cost training through the background writer competing
-  for CPU cores/memory bandwidth (steps overlapping the write minus the median clean step, summed
-  per save). It is shown separately: it is not time spent inside checkpoint calls.
-* **save MB/s**: bytes of a published checkpoint (sum of its manifest's file sizes, 1 MB = 1e6 B)
-  / median sync ``save()`` time (write + fsync + CRC32 + publish). **load MB/s**: the same bytes
-  / ``CheckpointManager.load`` on a freshly built trainer, cold (the files' pages evicted with
-  posix_fadvise DONTNEED first) and warm (page cache); the manifest verification
-  (``find_resume_point``: sizes + CRC32 of every file) is timed apart. The loaded weights are
-  compared with the trainer's at save time.
-* **breakdown**: time inside the pieces of a save (kiln.json, building the sharded state dict,
-  megatron's save_preprocess / validate_sharding_integrity, common.pt, DCP planning, staging,
-  the fork, the writer, finalize, kiln's publish), mean ms per measured save.
+* ``blocked``: time the training thread spends in checkpoint work per save (median over the
+  measured saves of all rounds). Sync: the whole ``save()``. Async: ``save()`` (less any wait
+  for the *previous* save, which is charged to that one) + the ``poll()`` (or ``wait()``) that
+  publishes it. ``step-time method`` cross-checks it from step times (the saving step's wall
+  time − the median clean step, + the publishing call); it is only as good as the step-time
+  noise allows. The first save of each run (it spawns megatron's writer-results server) and
+  the last step's save (blocking in both modes, by design) are shown apart, not in the medians;
+  ``idle poll`` is the non-blocking all-reduce after every step while a write is in flight.
+* ``bg write`` / ``pub. lag``: how long the forked writer ran, and how long after it finished
+  the next poll published the checkpoint. ``step slow``: what the writer cost the training
+  steps it overlapped (their time − the median clean step, summed per save): not blocking, but
+  on a machine without spare cores it is real.
+* save MB/s: checkpoint bytes (its manifest's file sizes; 1 MB = 1e6 B) / the median sync
+  ``save()`` (write + fsync + CRC32 + publish). load MB/s: the same bytes / ``load()`` into a
+  freshly built trainer, cold (the files' pages first evicted with posix_fadvise DONTNEED) and
+  warm; ``find_resume_point`` (manifest sizes + CRC32 of every file) is timed apart, and the
+  loaded weights are compared with the trainer's at save time.
+* breakdown: mean ms per measured save of each timed piece; the unindented rows add up to the
+  mean blocked time (``rest`` is barriers, all-reduces and glue).
 
-``--try-cached-plan`` adds the variant ``async+cache``: the same async save with a persistent
-``TorchDistSaveShardedStrategy(cached_metadata=True)`` (wrapped in
-``FullyParallelSaveStrategyWrapper`` when dp > 1) and ``validate_access_integrity=False`` after a
-run's first save, monkeypatched into ``dist_checkpointing.save`` for that variant only; the
-checkpoint it writes last is loaded back and compared, to show the cached plan stays correct.
+``--try-fixes [cache,clone]`` adds the variant ``async+fixes``: candidate
+changes to kiln's save path, monkeypatched in for that variant only (see FIXES), and loads its
+last checkpoint back to show it is still correct.
 
-Result on the 2-core CPU dev box (cpu preset, 17.8M params, 214 MB checkpoint with Adam states):
-see the bench's report; the async/sync ratio there is what this script prints. On CPU the
-staging step is free (tensors already live in host memory; the fork gives the writer a
-copy-on-write snapshot), so async blocking is the planning that stays in the training thread
-(building the sharded state dict, sharding validation, DCP planning) plus the fork and the
-publish; see the breakdown printed by the run.
+Results on the 2-core dev VM (cpu preset: 17.8M params, a 214 MB checkpoint with fp32 Adam
+states; other jobs shared the 2 cores, load average 2-4, so steps varied 0.8-5 s between
+identical steps): sync blocks 0.9-1.2 s per save (~180-230 MB/s: write + fsync 0.7-0.85 s,
+CRC32 0.1 s); async blocks 0.13-0.19 s, a ratio of 0.115-0.20 across runs: it misses the 0.10
+target.
+On CPU the staging copy is free (the fork is the snapshot), so what stays on the training
+thread is fixed overhead, not bytes:
+
+* the fork of the writer (~50 ms: page tables of the whole ~1.5 GB trainer process, most of
+  which is not checkpoint state);
+* megatron's save path ~40-80 ms: DCP planning, the synchronous clone of CPU tensor views
+  (SwiGLU fc1 is saved as two halves of params and both Adam moments: 75 MB of the 214 MB
+  memcpy'd on every save, 10-50 ms), torch ShardedTensor translation (~15 ms),
+  validate_sharding_integrity (~5 ms);
+* the publishing poll ~15-30 ms: DCP .metadata, kiln's manifest/rename/latest, and retention's
+  rmtree of the oldest checkpoint (~17 ms on the saves that delete one);
+* kiln's sharded_state + kiln.json (~8 ms).
+
+The candidate fixes (cached plan, no re-validation, clone in the writer, plus background
+retention) cut the mean by ~25-35 ms (ratio 0.09-0.14 across runs); what is left is mostly the
+fork. Background retention is now in kiln, as is a torch-free initializer for the
+writer-results server, which took the first save of a run from ~2 s to ~0.1-0.2 s. The background writer (torch.save, fsync,
+CRC32 on the same 2 cores) slowed the overlapping training steps by about as much as a sync
+save takes, so on this box async mostly moves the cost; with spare cores (a GPU node) it does not.
 """
 
 from __future__ import annotations
@@ -60,6 +76,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,8 +89,8 @@ PRESETS = {
             "device": "cuda"},
 }
 
-# Timed pieces of a save: (label, depth) in print order; depth is the nesting inside a manager call.
-# Depth-0 rows plus "rest" add up to the blocked time.
+# Timed pieces of a save: (label, indent) in print order; the indent shows where a piece runs inside
+# the row above. "rest" is the blocked time not inside any outermost timed piece.
 BREAKDOWN = [
     ("wait for previous save", 0),
     ("writer-results server", 0),
@@ -91,7 +108,7 @@ BREAKDOWN = [
     ("stage tensors (preload)", 1),
     ("write shards (+fsync)", 1),
     ("crc32 + sizes", 1),
-    ("check done + join writer", 0),
+    ("check done / join writer", 0),
     ("finalize: DCP .metadata", 0),
     ("retrieve write results", 1),
     ("metadata.json (megatron)", 0),
@@ -99,7 +116,6 @@ BREAKDOWN = [
     ("retention delete", 1),
     ("rest (barriers, all-reduces, glue)", 0),
 ]
-DEPTH = dict(BREAKDOWN)
 
 
 class Recorder:
@@ -107,6 +123,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.current: dict | None = None  # the event being recorded
+        self.depth = 0  # nesting of timed pieces inside the current event
         self.events: list[dict] = []
         self.steps: list[dict] = []
         self.run = ""
@@ -136,16 +153,21 @@ class Recorder:
         finally:
             inner, self.current = self.current, outer
             outer["labels"]["wait for previous save"] = time.monotonic() - start
-            outer["wait_labels"] = inner["labels"]
+            outer["wait_labels"], outer["wait_top"] = inner["labels"], inner.get("top", 0.0)
 
     def label(self, name: str, fn, *args, **kwargs):
+        self.depth += 1
         start = time.monotonic()
         try:
             return fn(*args, **kwargs)
         finally:
+            self.depth -= 1
             if self.current is not None:
+                took = time.monotonic() - start
                 labels = self.current["labels"]
-                labels[name] = labels.get(name, 0.0) + time.monotonic() - start
+                labels[name] = labels.get(name, 0.0) + took
+                if self.depth == 0:  # not inside another timed piece: counts toward the "rest" sum
+                    self.current["top"] = self.current.get("top", 0.0) + took
 
     def wrap(self, owner, attr: str, name: str, static: bool = False) -> None:
         original = owner.__dict__[attr] if static else getattr(owner, attr)
@@ -163,7 +185,6 @@ FIXES = {
              "when dp > 1) and validate_access_integrity=False after a run's first save",
     "clone": "no synchronous clone of CPU tensor views (the SwiGLU fc1 halves of params and Adam states) in "
              "prepare_write_data: the forked writer clones them from its copy-on-write snapshot",
-    "retention": "retention renames the old checkpoint aside at once and deletes it in a background thread",
 }
 
 
@@ -203,6 +224,17 @@ def _is_view(tensor) -> bool:
     return tensor.untyped_storage().size() != tensor.numel() * tensor.itemsize
 
 
+def _fork_safe_clone(tensor):
+    """A copy made without ATen's OpenMP kernels: in a forked child, libgomp's thread pool (the
+    parent's) is gone and a parallel copy hangs in gomp_team_barrier_wait. numpy's copy is a memcpy."""
+    import torch
+
+    if not tensor.is_contiguous():
+        return tensor.clone()
+    raw = tensor.detach().reshape(-1).view(torch.uint8).numpy().copy()
+    return torch.from_numpy(raw).view(tensor.dtype).reshape(tensor.shape)
+
+
 def install_fixes(fixes: Fixes) -> None:
     """The fixes' monkeypatches; each is inert unless its fix is on for the running variant."""
     import shutil as _shutil
@@ -236,21 +268,11 @@ def install_fixes(fixes: Fixes) -> None:
         # In the writer process: clone views (torch.save of a view writes its whole storage).
         file_name, storage_key, (bytes_data, tensor_data) = kwargs["write_bucket"]
         if any(_is_view(t) for _, t in tensor_data):
-            tensor_data = [(item, t.clone() if _is_view(t) else t) for item, t in tensor_data]
+            tensor_data = [(item, _fork_safe_clone(t) if _is_view(t) else t) for item, t in tensor_data]
             kwargs["write_bucket"] = (file_name, storage_key, (bytes_data, tensor_data))
         return write_one(*args, **kwargs)
 
     Writer.write_preloaded_data = staticmethod(write_preloaded_data)
-    delete = store.delete_checkpoint
-
-    def delete_checkpoint(root, step):
-        doomed = root / f".{store.step_dir_name(step)}.deleting"
-        if not fixes.on("retention") or doomed.exists():
-            return delete(root, step)
-        os.rename(root / store.step_dir_name(step), doomed)
-        threading.Thread(target=_shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, daemon=True).start()
-
-    store.delete_checkpoint = delete_checkpoint
 
 
 def instrument(rec: Recorder, fixes: Fixes, writer_log: Path) -> None:
@@ -303,7 +325,7 @@ def instrument(rec: Recorder, fixes: Fixes, writer_log: Path) -> None:
     rec.wrap(Writer, "preload_tensors", "stage tensors (preload)", static=True)
     rec.wrap(Writer, "write_preloaded_data_multiproc", "write shards (+fsync)", static=True)
     rec.wrap(async_utils.AsyncCallsQueue, "schedule_async_request", "schedule (stage + fork)")
-    rec.wrap(async_utils.TemporalAsyncCaller, "is_current_async_call_done", "check done + join writer")
+    rec.wrap(async_utils.TemporalAsyncCaller, "is_current_async_call_done", "check done / join writer")
     rec.wrap(Writer, "retrieve_write_results", "retrieve write results")
     rec.wrap(serialization, "save_config", "metadata.json (megatron)")
     rec.wrap(async_utils.AsyncRequest, "execute_sync", "execute_sync")
@@ -328,7 +350,7 @@ def instrument(rec: Recorder, fixes: Fixes, writer_log: Path) -> None:
 
 def build(config, ctx, checkpointer=None):
     """Trainer, built like kiln.train.run does."""
-    from kiln.data.setup import build_batches
+    from kiln.data.setup import build_batches, build_val_batches
     from kiln.model.builder import build_model, transformer_config
     from kiln.plan.flops import flops_per_token, peak_flops
     from kiln.trainer.loop import Trainer
@@ -342,7 +364,7 @@ def build(config, ctx, checkpointer=None):
     finalize_grads_hook(tconfig, optimizer)
     trainer = Trainer(config, ctx, models, optimizer, build_scheduler(config, optimizer), batches, callbacks=[],
                       flops_per_token=flops_per_token(config.model, vocab_size), peak_flops=peak_flops(ctx.device),
-                      checkpointer=checkpointer)
+                      checkpointer=checkpointer, val_batches=build_val_batches(config, ctx))
     return trainer, vocab_size
 
 
@@ -407,6 +429,7 @@ def analyse(rec: Recorder, writers: list[dict], name: str) -> dict:
     mean = lambda xs: statistics.fmean(xs) if xs else 0.0  # noqa: E731
     runs = sorted({e["run"] for e in rec.events if e["run"].startswith(name + "/")})
     measured, first, final, idle_polls, slowdown, bg_write, publish_lag, clean_all = [], [], [], [], [], [], [], []
+    first_server, first_labels = [], []
     for run in runs:
         events = [e for e in rec.events if e["run"] == run]
         steps = [s for s in rec.steps if s["run"] == run]
@@ -415,6 +438,7 @@ def analyse(rec: Recorder, writers: list[dict], name: str) -> dict:
         for entry in saves.values():
             entry["labels"].pop("wait for previous save", None)  # charged to the save waited for
             entry["call"] = entry["event"]["total"] - entry["event"]["labels"].get("wait for previous save", 0.0)
+            entry["top"] = entry["event"].get("top", 0.0)
         # Who published each save: a poll or wait from the loop, or the wait inside the next save.
         for e in events:
             owner = saves.get(e["in_flight_before"])
@@ -422,19 +446,22 @@ def analyse(rec: Recorder, writers: list[dict], name: str) -> dict:
                 continue
             if e["kind"] in ("poll", "wait") and e["published"]:
                 owner["publish"] += e["total"]
+                owner["top"] += e.get("top", 0.0)
                 _add(owner["labels"], e["labels"])
             elif e["kind"] == "save" and "wait_labels" in e:
                 waited = e["labels"]["wait for previous save"]
                 owner["publish"] += waited
                 _add(owner["labels"], e["wait_labels"])
-                pure = waited - sum(v for k, v in e["wait_labels"].items() if DEPTH.get(k) == 0)
+                pure = waited - e["wait_top"]  # waiting for the writer, not finalizing/publishing
                 _add(owner["labels"], {"wait for previous save": pure})
+                owner["top"] += waited
         for entry in saves.values():
             entry["blocked"] = entry["call"] + entry["publish"]
-            labelled = sum(v for k, v in entry["labels"].items() if DEPTH.get(k) == 0)
-            entry["labels"]["rest (barriers, all-reduces, glue)"] = entry["blocked"] - labelled
+            entry["labels"]["rest (barriers, all-reduces, glue)"] = entry["blocked"] - entry["top"]
         ordered = sorted(saves)
         first.append(saves[ordered[0]]["blocked"])
+        first_server.append(saves[ordered[0]]["labels"].get("writer-results server", 0.0))
+        first_labels.append(saves[ordered[0]]["labels"])
         final.append(saves[ordered[-1]]["blocked"])
         idle_polls.append(sum(e["total"] for e in events if e["kind"] == "poll" and not e["published"]) / len(saves))
         # Step-time method: wall time of the saving step (train + checkpoint work) minus the median
@@ -474,7 +501,10 @@ def analyse(rec: Recorder, writers: list[dict], name: str) -> dict:
         "publish_lag_s": med(publish_lag),
         "step_slowdown_s_per_save": med(slowdown) if slowdown else 0.0,
         "clean_step_s": med(clean_all),
+        "blocked_mean_s": mean([s["blocked"] for s in measured]),
         "breakdown_s": {label: mean([s["labels"].get(label, 0.0) for s in measured]) for label, _ in BREAKDOWN},
+        "first_save_server_s": med(first_server),
+        "first_save_breakdown_s": {label: mean([f.get(label, 0.0) for f in first_labels]) for label, _ in BREAKDOWN},
     }
 
 
@@ -495,21 +525,28 @@ def main() -> None:
     parser.add_argument("--try-fixes", nargs="?", const=",".join(FIXES), metavar="LIST",
                         help="also run the variant async+fixes with these candidate fixes to kiln's save path "
                              f"(comma-separated; default all: {', '.join(FIXES)})")
-    parser.add_argument("--dir", help="where the runs go (default: a temp dir, removed afterwards)")
+    parser.add_argument("--dir", help="keep the runs in a new directory under DIR (default: a temp dir, removed)")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--verbose", action="store_true", help="show kiln's log lines (each publish, the load)")
     args = parser.parse_args()
+    fix_names = [f for f in (args.try_fixes or "").split(",") if f]
+    unknown = set(fix_names) - set(FIXES)
+    if unknown:
+        parser.error(f"--try-fixes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FIXES)}")
 
     import logging
+
+    from kiln.log import quiet_third_party, setup_logging
+
+    quiet_third_party()  # before megatron-core is imported: it warns about optional kernels on import
+    warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")  # DCP via megatron, every save
 
     import torch
     import torch.distributed as dist
 
     from kiln.config import config_from_dict
-    from kiln.log import quiet_third_party, setup_logging
     from kiln.parallel.backend import destroy_parallel, init_parallel
 
-    quiet_third_party()
     preset = dict(PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")])
     for key in ("layers", "hidden", "heads", "seq_len", "micro_batch"):
         if getattr(args, key) is not None:
@@ -526,7 +563,9 @@ def main() -> None:
     setup_logging(ctx.rank)
     if not args.verbose:
         logging.getLogger("kiln").setLevel(logging.WARNING)
-    chosen = [args.dir or (tempfile.mkdtemp(prefix="kiln-bench-ckpt-") if ctx.rank == 0 else None)]
+    if ctx.rank == 0 and args.dir:
+        os.makedirs(args.dir, exist_ok=True)
+    chosen = [tempfile.mkdtemp(prefix="kiln-bench-ckpt-", dir=args.dir) if ctx.rank == 0 else None]
     dist.broadcast_object_list(chosen, src=0)
     base = Path(chosen[0])
     writer_log = base / "writer-times"
@@ -535,10 +574,6 @@ def main() -> None:
     config.train.run_dir = str(base)
     dist.barrier()
 
-    fix_names = [f for f in (args.try_fixes or "").split(",") if f]
-    unknown = set(fix_names) - set(FIXES)
-    if unknown:
-        parser.error(f"--try-fixes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FIXES)}")
     rec, fixes = Recorder(), Fixes(fix_names)
     install_fixes(fixes)
     instrument(rec, fixes, writer_log)
@@ -581,9 +616,12 @@ def main() -> None:
     for round_index in range(args.rounds):
         order = variants if round_index % 2 == 0 else variants[::-1]
         for name in order:
-            roots[name].append(run_variant(trainer, config, ctx, base, name, round_index, steps_per_run, rec,
-                                           fixes))
-            weights_at_end[f"{name}/r{round_index}"] = snapshot(trainer)
+            root = run_variant(trainer, config, ctx, base, name, round_index, steps_per_run, rec, fixes)
+            roots[name].append(root)
+            if round_index == args.rounds - 1 and name != "async":  # loaded back below
+                weights_at_end[f"{name}/r{round_index}"] = snapshot(trainer)
+            elif ctx.rank == 0 and not args.dir:  # free the disk (3 checkpoints a run are kept)
+                shutil.rmtree(root, ignore_errors=True)
     train_wall, load_after = time.monotonic() - started, os.getloadavg()[0]
 
     # Step numbers go on across runs, so a writer's directory name (.step_N.partial) names its save.
@@ -655,16 +693,21 @@ def main() -> None:
         print("(blocked = save() + the poll/wait that publishes it, median over measured saves; "
               "step-time method = step time of save/publish steps − median clean step)")
         print()
-        print("breakdown, mean ms per measured save (inclusive; indented rows are inside the row above):")
+        print("breakdown, mean ms per measured save (inclusive: indented rows are inside the row above; for sync "
+              "the finalize/publish rows run inside execute_sync; the unindented rows add up to the mean):")
         print(f"  {'':<50}" + "".join(f"{name:>12}" for name in variants))
+        print(f"  {'blocked (mean)':<50}" + "".join(f"{results[n]['blocked_mean_s'] * 1e3:>12.1f}" for n in variants))
         for label, depth in BREAKDOWN:
             values = [results[name]["breakdown_s"][label] for name in variants]
             if all(v < 5e-5 for v in values):
                 continue
             print(f"  {'  ' * depth + label:<50}" + "".join(f"{v * 1e3:>12.1f}" for v in values))
         print()
+        print("first save of a run (not in the medians): " + ", ".join(
+            f"{n} {results[n]['first_save_s'] * 1e3:.0f} ms (starting the writer-results server "
+            f"{results[n]['first_save_server_s'] * 1e3:.0f} ms)" for n in variants))
         for name in variants[1:]:
-            print(f"ratio {name}/sync blocked: {results[name]['blocked_s'] / sync['blocked_s']:.3f}")
+            print(f"ratio {name}/sync blocked (median): {results[name]['blocked_s'] / sync['blocked_s']:.3f}")
         print(f"load {load['path']}: verify (sizes + CRC32) {load['verify_s'] * 1e3:.0f} ms; "
               f"load cold {load['load_cold_s'] * 1e3:.0f} ms ({mb / load['load_cold_s']:.0f} MB/s), "
               f"warm {load['load_warm_s'] * 1e3:.0f} ms ({mb / load['load_warm_s']:.0f} MB/s); "
@@ -677,7 +720,8 @@ def main() -> None:
         if args.json:
             out = {"device": ctx.device.type, "world_size": ctx.layout.world_size, "model": preset,
                    "params": n_params, "save_every": args.save_every, "steps_per_run": steps_per_run,
-                   "rounds": args.rounds, "loadavg": [load_before, load_after], "checkpoint_bytes": load["bytes"], "variants": results,
+                   "rounds": args.rounds, "loadavg": [load_before, load_after], "checkpoint_bytes": load["bytes"],
+                   "variants": results,
                    "ratio_async_sync": ratio, "save_mb_s": save_mbps, "load_mb_s": load_mbps, "load": load,
                    "fixes": fix_names, "fixes_load": fixes_load,
                    "steps": [{k: v for k, v in st.items() if k not in ("t0", "t1")} for st in rec.steps]}

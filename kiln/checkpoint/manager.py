@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from kiln.checkpoint import state as ckpt_state
 from kiln.checkpoint import store
+from kiln.checkpoint.helpers import quiet_helper_process
 from kiln.config import RunConfig
 from kiln.errors import KilnCheckpointError
 
@@ -272,7 +273,7 @@ class CheckpointManager:
         doomed = store.steps_to_delete(store.published_steps(self.root), self.cfg.keep_last, self.cfg.keep_every,
                                        protect={step})
         for old in doomed:
-            store.delete_checkpoint(self.root, old)
+            store.delete_checkpoint(self.root, old, in_background=True)
         if doomed:
             log.info(f"retention: removed {', '.join(store.step_dir_name(s) for s in doomed)}")
 
@@ -297,20 +298,6 @@ def _with_file_record(async_fn, directory: Path, rank: int):
         piece.write_text(json.dumps(record))
 
     return write_and_record
-
-
-def quiet_helper_process() -> None:
-    """For a trainer's helper process: ignore stop signals (the trainer handles them and waits
-    for its helpers) and die with the trainer, so a SIGKILLed trainer leaves no orphan."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the writer may outlive a killed trainer, harmlessly in .partial
 
 
 def _move_aside(path: Path) -> None:

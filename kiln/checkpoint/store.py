@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,13 +169,18 @@ def remove_stale_partials(root: Path) -> list[Path]:
     return removed
 
 
-def delete_checkpoint(root: Path, step: int) -> None:
-    """Rename out of the published namespace first, so a crash mid-delete leaves no half ``step_N``."""
+def delete_checkpoint(root: Path, step: int, in_background: bool = False) -> None:
+    """Rename out of the published namespace first, so a crash mid-delete leaves no half ``step_N``
+    (a leftover ``.deleting`` is swept by remove_stale_partials); ``in_background`` deletes the
+    files in a daemon thread, off the training thread."""
     path = root / step_dir_name(step)
     doomed = root / f".{step_dir_name(step)}.deleting"
     shutil.rmtree(doomed, ignore_errors=True)
     os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    if in_background:
+        threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, daemon=True).start()
+    else:
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def publish(root: Path, step: int) -> Path:
