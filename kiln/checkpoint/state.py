@@ -130,8 +130,9 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> dict[s
     if is_loading:
         ensure_adam_state(trainer.optimizer)
     state = model_sharded_state(trainer.models)
-    flat_model = {k: v for chunk in state.values() for k, v in chunk.items()}
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(flat_model, is_loading=is_loading,
+    # The optimizer maps its params to the model's ShardedTensors through all chunks (nested,
+    # not merged: interleaved chunks share local key names).
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                               metadata=OPTIMIZER_METADATA)
     if with_rng:
         shape, offset = rng_position(trainer.ctx.layout, trainer.ctx.coords)
