@@ -2,7 +2,8 @@
 
 Split by responsibility: ``inputs`` (files → chunks → documents), ``text`` (normalisation, word
 tables), ``quality`` (Gopher heuristics), ``pii`` (scrubbing), ``dedup`` (exact and MinHash LSH),
-``encode`` (tokenizing, FIM), ``worker`` (one chunk), ``pipeline`` (the resumable whole),
+``encode`` (tokenizing, FIM), ``segments`` (the worker's cache of text segments: tokens, words
+and counts per distinct segment), ``worker`` (one chunk), ``pipeline`` (the resumable whole),
 ``tokenizer`` (`train-tokenizer`), ``stats`` and ``cli``.
 """
 

@@ -25,7 +25,7 @@ from kiln.data.prepare.text import WordTable
 log = logging.getLogger(__name__)
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
-_BLOCK = 1 << 14  # shingles per vectorised block: block × num_perm × 8 bytes of scratch (16 MiB at 128)
+_BLOCK = 512  # shingles per vectorised block: block × num_perm × 8 bytes of scratch (512 KiB at 128: in L2)
 
 
 def exact_hash(words: list[str]) -> bytes:
@@ -73,10 +73,13 @@ def minhash_signatures(table: WordTable, cfg: DedupConfig) -> np.ndarray:
     a, b = _permutations(cfg.num_perm)
     sig = np.full((table.n_docs, cfg.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
     h, doc = shingle_hashes(table, cfg.shingle_size)
+    scratch = np.empty((_BLOCK, cfg.num_perm), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for s in range(0, len(h), _BLOCK):
             hb, db = h[s:s + _BLOCK], doc[s:s + _BLOCK]
-            perm = hb[:, None] * a[None, :] + b[None, :]  # [block, num_perm]
+            perm = scratch[: len(hb)]  # [block, num_perm] = h * a + b, in place
+            np.multiply(hb[:, None], a[None, :], out=perm)
+            perm += b
             # Shingles of one document are contiguous: reduce each run, then merge into sig
             # (a document may span two blocks).
             run_starts = np.flatnonzero(np.concatenate([[True], db[1:] != db[:-1]]))

@@ -25,6 +25,15 @@ _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 
 
+# Necessary conditions, each searched before its full pattern (a search that fails is much
+# cheaper than a sub that finds nothing): every IPv4 match holds a digit, '.', a digit; every
+# IPv6 match two ':' at most four hex digits apart; every phone match two digits, a separator
+# and two digits.
+_IPV4_HINT = re.compile(r"\d\.\d")
+_IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_PHONE_HINT = re.compile(r"\d\d[ .-]\d\d")
+
+
 def _phone(m: re.Match, counts: Counter) -> str:
     s = m.group(0)
     digits = sum(c.isdigit() for c in s)
@@ -46,8 +55,12 @@ def _ipv6(m: re.Match, counts: Counter) -> str:
     return IP_ADDRESS
 
 
+_DROP_DIGITS = str.maketrans("", "", "0123456789")
+
+
 def _digits(text: str) -> int:
-    return sum(map(text.count, "0123456789"))  # ten C-level scans beat one regex over prose
+    """ASCII digits in ``text`` (one C-level pass: faster than ten ``str.count`` or a regex)."""
+    return len(text) - len(text.translate(_DROP_DIGITS))
 
 
 def scrub(text: str, cfg: PiiConfig, counts: Counter) -> str:
@@ -57,11 +70,11 @@ def scrub(text: str, cfg: PiiConfig, counts: Counter) -> str:
         counts["email"] += k
     digits = _digits(text) if cfg.ip or cfg.phone else 0
     if cfg.ip:
-        if digits >= 4 and "." in text:
+        if digits >= 4 and "." in text and _IPV4_HINT.search(text):
             text, k = _IPV4.subn(IP_ADDRESS, text)
             counts["ip"] += k
-        if "::" in text or text.count(":") >= 7:
+        if ("::" in text or text.count(":") >= 7) and _IPV6_HINT.search(text):
             text = _IPV6.sub(lambda m: _ipv6(m, counts), text)
-    if cfg.phone and digits >= 8:
+    if cfg.phone and digits >= 8 and _PHONE_HINT.search(text):
         text = _PHONE.sub(lambda m: _phone(m, counts), text)
     return text

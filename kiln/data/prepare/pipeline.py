@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -80,6 +81,29 @@ def _open_work_dir(work: str, fp: str, paths: list[str], cfg: PrepareConfig) -> 
     return chunks
 
 
+def _preload_mds_writer() -> threading.Thread | None:
+    """Import the MDS writer's package in a thread while the workers run: ``streaming`` pulls in
+    torch and transformers, seconds of CPU that would otherwise follow the workers."""
+    if "streaming" in sys.modules:
+        return None
+    # What the main thread imports meanwhile, imported first: two threads importing one module
+    # tree from both ends can trip the import system's deadlock detection.
+    import multiprocessing.pool  # noqa: F401
+    import multiprocessing.popen_spawn_posix  # noqa: F401
+
+    import tqdm  # noqa: F401
+
+    def load() -> None:
+        try:
+            import streaming  # noqa: F401
+        except Exception:  # noqa: BLE001 - the import in write_samples_to_mds reports it
+            pass
+
+    thread = threading.Thread(target=load, name="kiln-prepare-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 def _run_chunks(pending: list[Chunk], done_bytes: int, total_bytes: int, workers: int, cfg: PrepareConfig,
                 tokenizer: str, chunks_dir: str, progress: bool) -> None:
     from tqdm import tqdm
@@ -133,16 +157,19 @@ def _samples(chunks: list[Chunk], chunks_dir: str, keep: np.ndarray, counts: lis
         r = load_result(chunks_dir, c.index, ("tokens", "doc_tokens", "doc_bytes"))
         k = keep[offset: offset + n]
         offset += n
-        ends = np.cumsum(r["doc_tokens"])
-        parts = []
-        for i in np.flatnonzero(k):
-            parts.append(r["tokens"][ends[i] - r["doc_tokens"][i]: ends[i]])
-            parts.append(np.array([eos], dtype=np.uint32))
         totals["documents"] += int(k.sum())
         totals["bytes_kept"] += int(r["doc_bytes"][k].sum())
-        if not parts:
+        if not k.any():
             continue
-        flat = np.concatenate(parts).astype(np.int64)
+        # The kept documents' tokens, each followed by EOS: every position but the EOS ones
+        # takes the next token of the kept documents, in order.
+        lengths = r["doc_tokens"]
+        kept_tokens = r["tokens"][np.repeat(k, lengths)]
+        ends = np.cumsum(lengths[k] + 1)
+        flat = np.full(int(ends[-1]), eos, dtype=np.int64)
+        is_token = np.ones(len(flat), dtype=bool)
+        is_token[ends - 1] = False
+        flat[is_token] = kept_tokens
         totals["tokens"] += len(flat)
         yield from packer.feed(flat)
     totals["dropped_tail_tokens"] = packer.dropped_tokens
@@ -240,7 +267,13 @@ def prepare(inputs: list[str], out: str, tokenizer: str, cfg: PrepareConfig, *, 
         if len(pending) < len(chunks):
             log.info("resuming: %d of %d chunks already done", len(chunks) - len(pending), len(chunks))
         done_bytes = sum(c.nbytes for c in chunks) - sum(c.nbytes for c in pending)
-        _run_chunks(pending, done_bytes, sum(c.nbytes for c in chunks), workers, cfg, tokenizer, chunks_dir, progress)
+        preload = _preload_mds_writer() if workers > 1 and len(pending) > 1 else None
+        try:
+            _run_chunks(pending, done_bytes, sum(c.nbytes for c in chunks), workers, cfg, tokenizer, chunks_dir,
+                        progress)
+        finally:
+            if preload is not None:
+                preload.join()
         chunk_stats = [load_stats(chunks_dir, c.index) for c in chunks]
         counts = [s["documents_kept"] for s in chunk_stats]
 
