@@ -81,8 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not config.train.run_dir:  # fixed here so every restart of the workers finds the same run
             from kiln.train import default_run_dir
 
-            args.overrides.append(f"train.run_dir={default_run_dir(config)}")
-            config.train.run_dir = args.overrides[-1].split("=", 1)[1]
+            config.train.run_dir = default_run_dir(config)
+            args.overrides.append(f"train.run_dir={config.train.run_dir}")
         return launch_torchrun(args, config)
     from kiln.train import run
     from kiln.trainer.preemption import EXIT_PREEMPTED, TrainingPreempted

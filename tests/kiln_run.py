@@ -64,10 +64,3 @@ def worker_pid(launcher_pid: int, rank: int) -> int:
                 return worker
     raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from tests.kiln_run import REPO, TINY, free_port, read_metrics
+from kiln.parallel.backend import free_port
+from tests.kiln_run import REPO, TINY, read_metrics
 
 SBATCH = REPO / "slurm" / "kiln.sbatch"
 

@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
