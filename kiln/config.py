@@ -107,8 +107,17 @@ class ParallelConfig:
     """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
     sequence_parallel: bool = False
     """Shard norm and dropout activations over the TP group (needs tp > 1)."""
-    engine: Literal["megatron"] = "megatron"
-    """Training engine: megatron-core DDP and optimizer."""
+    engine: Literal["megatron", "deepspeed"] = "megatron"
+    """megatron: megatron-core DDP, optimizer and pipeline schedules; deepspeed: DeepSpeed ZeRO over
+    megatron-core's tensor-parallel layers (no pipeline parallelism)."""
+    zero_stage: int = 1
+    """engine=deepspeed: ZeRO stage; 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """engine=deepspeed: keep optimizer states (and the step) in CPU memory or on NVMe (ZeRO-Offload)."""
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    """engine=deepspeed, zero_stage=3: keep parameter partitions in CPU memory or on NVMe (ZeRO-Infinity)."""
+    nvme_path: str | None = None
+    """Directory on a local NVMe drive for offload to nvme."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
@@ -128,6 +137,36 @@ class ParallelConfig:
             not self.sequence_parallel or self.tp > 1,
             "parallel.sequence_parallel needs parallel.tp > 1 (it shards activations over the TP group)",
         )
+        self._check_deepspeed()
+
+    def _check_deepspeed(self) -> None:
+        offloading = self.offload_optimizer != "none" or self.offload_params != "none"
+        if self.engine != "deepspeed":
+            _check(not offloading, "parallel.offload_optimizer/offload_params need parallel.engine=deepspeed")
+            return
+        _check(self.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        _check(
+            self.pp == 1 and self.virtual_pp in (None, 1),
+            f"parallel.pp={self.pp}: the deepspeed engine does not run pipeline parallelism (DeepSpeed's own "
+            "pipeline engine cannot drive megatron-core's model); use parallel.engine=megatron for pp > 1, "
+            "or set parallel.pp=1 and shard with parallel.zero_stage instead",
+        )
+        _check(
+            not self.sequence_parallel,
+            "parallel.sequence_parallel with parallel.engine=deepspeed: the norm gradients it leaves partial "
+            "over the TP group are reduced by megatron-core DDP, which DeepSpeed replaces; set "
+            "parallel.sequence_parallel=false (or use parallel.engine=megatron)",
+        )
+        _check(
+            self.offload_params == "none" or self.zero_stage == 3,
+            f"parallel.offload_params={self.offload_params} needs parallel.zero_stage=3 (only ZeRO-3 partitions "
+            "parameters)",
+        )
+        _check(
+            "nvme" not in (self.offload_optimizer, self.offload_params) or bool(self.nvme_path),
+            "offload to nvme needs parallel.nvme_path (a directory on a local NVMe drive)",
+        )
+
 
     @property
     def model_parallel_size(self) -> int:
@@ -228,9 +267,12 @@ class DataConfig:
     """Shuffle samples (deterministically, from train.seed)."""
     num_workers: int = 0
     """Data-loader worker processes per rank."""
+    prefetch: int = 4
+    """Micro-batches each rank reads ahead in a background thread while the step runs (0: on demand)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.prefetch >= 0, f"data.prefetch must be >= 0, got {self.prefetch}")
         if self.streams is not None:
             _check(self.path is None, "data.path and data.streams are both set; use streams alone for a mixture")
             _check(len(self.streams) >= 1, "data.streams is empty; list at least one {path, proportion | repeat}")
@@ -253,8 +295,9 @@ class TrainConfig:
     """Samples per optimizer step over all ranks: micro_batch_size × grad accumulation × dp."""
     seed: int = 1234
     """Seeds weights, dropout and data order; the same seed gives the same run."""
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """Parameter/compute dtype; bf16 keeps fp32 master weights in the optimizer."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Parameter/compute dtype; bf16 and fp16 keep fp32 master weights in the optimizer. fp16 (with
+    dynamic loss scaling) needs parallel.engine=deepspeed."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """cuda with NCCL, or cpu with gloo (megatron-core CPU emulation); auto picks cuda when present."""
     log_every: int = 10
@@ -327,8 +370,25 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: dict[str, Any] | None = None
+    """parallel.engine=deepspeed: extra DeepSpeed config keys, merged over the config kiln generates."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.train.precision != "fp16" or self.parallel.engine == "deepspeed",
+            "train.precision=fp16 needs parallel.engine=deepspeed (its dynamic loss scaler); the megatron "
+            "engine trains in bf16 or fp32",
+        )
+        _check(
+            not (self.optim.distributed_optimizer and self.parallel.engine == "deepspeed"),
+            "optim.distributed_optimizer is megatron's ZeRO-1; with parallel.engine=deepspeed the optimizer is "
+            "sharded by parallel.zero_stage: set optim.distributed_optimizer=false",
+        )
+        _check(
+            self.deepspeed is None or self.parallel.engine == "deepspeed",
+            "the config has a deepspeed: section but parallel.engine is megatron; set parallel.engine=deepspeed "
+            "or remove the section",
+        )
         _check(
             self.parallel.cp == 1 or self.model.seq_len % (2 * self.parallel.cp) == 0,
             f"model.seq_len({self.model.seq_len}) must be divisible by 2 × parallel.cp({self.parallel.cp}) "
@@ -373,6 +433,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise KilnConfigError(f"{key}: expected a list, got {value!r}")
         (item_type,) = typing.get_args(tp)
         return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise KilnConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

@@ -82,13 +82,21 @@ def run(config: RunConfig) -> list[dict]:
     checkpointer.prepare()
     resume_from = checkpointer.find_resume_point()  # before building anything: a bad one stops here
     preemption = PreemptionWatcher(ctx.device) if config.checkpoint.save_on_signal else None
-    trainer = None
+    trainer = batches = None
     try:
         batches, vocab_size = build_batches(config, ctx)
         tconfig = transformer_config(config, ctx)
-        models = wrap_ddp(config, build_model(config, ctx, vocab_size, tconfig), tconfig, ctx)
-        optimizer = build_optimizer(config, models)
-        finalize_grads_hook(tconfig, optimizer)
+        deepspeed = None
+        if config.parallel.engine == "deepspeed":
+            from kiln.parallel.deepspeed_engine import DeepSpeedEngine, report_state_bytes
+
+            deepspeed = DeepSpeedEngine(config, ctx, build_model(config, ctx, vocab_size, tconfig)[0])
+            models, optimizer = [deepspeed.module], deepspeed.optimizer
+            report_state_bytes(deepspeed, run_dir)
+        else:
+            models = wrap_ddp(config, build_model(config, ctx, vocab_size, tconfig), tconfig, ctx)
+            optimizer = build_optimizer(config, models)
+            finalize_grads_hook(tconfig, optimizer)
         trainer = Trainer(
             config,
             ctx,
@@ -102,6 +110,7 @@ def run(config: RunConfig) -> list[dict]:
             checkpointer=checkpointer,
             preemption=preemption,
             val_batches=build_val_batches(config, ctx),
+            deepspeed=deepspeed,
         )
         meta = checkpointer.load(resume_from, trainer) if resume_from is not None else {}
         trainer.wandb_run_id = meta.get("wandb_run_id") or (new_wandb_run_id(config) if ctx.rank == 0 else None)
@@ -114,6 +123,8 @@ def run(config: RunConfig) -> list[dict]:
     finally:
         if trainer is not None:
             trainer.close()
+        if batches is not None:
+            batches.close()
         checkpointer.close()
         if preemption is not None:
             preemption.close()

@@ -1,6 +1,7 @@
 """The train loader in one process: shapes, epochs, resume, world checks."""
 
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -69,6 +70,26 @@ def test_resume_is_exact_and_elastic(tmp_path):
     assert got == ref_steps[9:12]
     with pytest.raises(KilnDataError, match="before the first batch"):
         resumed.load_state_dict(state)
+
+
+def test_read_ahead_changes_neither_order_nor_state(tmp_path):
+    """A prefetching loader hands out the same batches, and its checkpoint state counts only
+    what it handed out: at an epoch end while the thread already reads the next epoch, too."""
+    path = make_dataset(str(tmp_path / "ds"), 30)  # 7 micro-batches of 4 per epoch
+    plain = build_train_loader(path, micro_batch_size=4, seed=5, dp_rank=0, dp_size=1)
+    ahead = build_train_loader(path, micro_batch_size=4, seed=5, dp_rank=0, dp_size=1, prefetch=3)
+    try:
+        for step in range(1, 10):
+            assert ids(next(ahead)) == ids(next(plain))
+            if step in (7, 9):
+                time.sleep(0.2)  # let the thread fill its queue past this point
+                assert ahead.state_dict() == plain.state_dict()
+        resumed = build_train_loader(path, micro_batch_size=4, seed=5, dp_rank=0, dp_size=1, prefetch=3)
+        resumed.load_state_dict(ahead.state_dict())
+        assert [ids(next(resumed)) for _ in range(4)] == [ids(next(plain)) for _ in range(4)]
+        resumed.close()
+    finally:
+        ahead.close()
 
 
 def test_world_mismatch_is_a_clear_error(tmp_path, monkeypatch):

@@ -145,16 +145,21 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
 
         meta = ckpt_state.read_metadata(path)
-        ckpt_state.check_architecture(meta, trainer.config.model, path)
+        ckpt_state.check_architecture(meta, trainer.config, path)
         # RNG states belong to (pp, tp, cp) positions; under another layout they mean nothing.
         with_rng = ckpt_state.same_rng_layout(meta, self.ctx.layout)
         started = time.perf_counter()
         sharded = ckpt_state.sharded_state(trainer, is_loading=True, with_rng=with_rng)
         loaded = dist_checkpointing.load(sharded, str(path))
-        for index, model in enumerate(trainer.models):
-            model.module.load_state_dict(loaded[f"model{index}"])
-        with ckpt_state.torch_adam_load_fixes(trainer.optimizer):
-            trainer.optimizer.load_state_dict(loaded["optimizer"])
+        if trainer.deepspeed is not None:
+            from kiln.checkpoint import deepspeed_state
+
+            deepspeed_state.load(trainer.deepspeed, loaded)
+        else:
+            for index, model in enumerate(trainer.models):
+                model.module.load_state_dict(loaded[f"model{index}"])
+            with ckpt_state.torch_adam_load_fixes(trainer.optimizer):
+                trainer.optimizer.load_state_dict(loaded["optimizer"])
         if with_rng:
             ckpt_state.restore_rng(loaded["rng"], self.ctx.device)
         ckpt_state.apply_metadata(trainer, meta)

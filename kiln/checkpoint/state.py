@@ -127,13 +127,18 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> dict[s
     """The megatron-core sharded state dict of the trainer (model, optimizer, RNG)."""
     from megatron.core.dist_checkpointing import ShardedObject
 
-    if is_loading:
-        ensure_adam_state(trainer.optimizer)
-    state = model_sharded_state(trainer.models)
-    # The optimizer maps its params to the model's ShardedTensors through all chunks (nested,
-    # not merged: interleaved chunks share local key names).
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
-                                                              metadata=OPTIMIZER_METADATA)
+    if trainer.deepspeed is not None:
+        from kiln.checkpoint import deepspeed_state
+
+        state = deepspeed_state.sharded_state(trainer.deepspeed, is_loading=is_loading)
+    else:
+        if is_loading:
+            ensure_adam_state(trainer.optimizer)
+        state = model_sharded_state(trainer.models)
+        # The optimizer maps its params to the model's ShardedTensors through all chunks (nested,
+        # not merged: interleaved chunks share local key names).
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
+                                                                  metadata=OPTIMIZER_METADATA)
     if with_rng:
         shape, offset = rng_position(trainer.ctx.layout, trainer.ctx.coords)
         state["rng"] = ShardedObject("kiln.rng_state", capture_rng(trainer.ctx.device), shape, offset,
@@ -174,8 +179,16 @@ def same_rng_layout(meta: dict[str, Any], layout) -> bool:
     return (saved["pp"], saved["tp"], saved["cp"]) == (layout.pp, layout.tp, layout.cp)
 
 
-def check_architecture(meta: dict[str, Any], model_config, where: Path) -> None:
-    """The checkpoint's model must have the run's shapes; name every difference and the fix."""
+def check_architecture(meta: dict[str, Any], config, where: Path) -> None:
+    """The checkpoint's model must have the run's shapes and optimizer format; name every
+    difference and the fix."""
+    saved_engine = meta["config"]["parallel"].get("engine", "megatron")
+    if saved_engine != config.parallel.engine:
+        raise KilnCheckpointError(
+            f"checkpoint {where} was saved by the {saved_engine} engine and this run uses "
+            f"parallel.engine={config.parallel.engine}; their optimizer states differ: set "
+            f"parallel.engine={saved_engine} to resume it")
+    model_config = config.model
     saved = meta["config"]["model"]
     current = {k: getattr(model_config, k) for k in _ARCHITECTURE_KEYS}
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]

@@ -24,7 +24,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -138,16 +140,20 @@ class TrainLoader:
     """Endless iterator of ``{"tokens": LongTensor[micro_batch_size, seq_len + 1]}``.
 
     Iterate it once (``next(loader)``); its ``state_dict`` goes into each checkpoint and
-    ``load_state_dict`` must be called before the first batch.
+    ``load_state_dict`` must be called before the first batch. With ``prefetch > 0`` a
+    background thread reads that many micro-batches ahead (shard reads and collation overlap
+    the step; the GIL is free during torch's kernels); the state counts only the batches
+    handed out, so a checkpoint never skips what was read ahead. Call ``close`` when done.
     """
 
     def __init__(self, dataset: Any, *, micro_batch_size: int, dp_size: int, num_workers: int,
-                 meta: dict | None) -> None:
+                 meta: dict | None, prefetch: int = 0) -> None:
         from streaming import StreamingDataLoader
 
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.dp_size = dp_size
+        self.prefetch = prefetch
         self.meta = meta or {}
         self.seq_len: int = int(self.meta.get("seq_len") or 0)
         self.vocab_size: int | None = self.meta.get("vocab_size")
@@ -157,24 +163,43 @@ class TrainLoader:
         self._loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
                                            collate_fn=_collate, drop_last=True,
                                            persistent_workers=num_workers > 0)
-        self.epoch = 0
+        self.epoch = 0  # position after the last batch handed out
         self.batches_in_epoch = 0
-        self._gen: Iterator[dict[str, torch.Tensor]] | None = None
+        self._gen: Iterator[tuple[dict[str, torch.Tensor], int, int]] | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
+        """(batch, epoch, batches_in_epoch after it) from the loaded position onwards."""
+        epoch, in_epoch = self.epoch, self.batches_in_epoch
         empty_epochs = 0
         while True:
             got = False
             # Each iter() over the streaming loader starts streaming's next epoch (or resumes).
             for batch in self._loader:
                 got = True
-                self.batches_in_epoch += 1
-                yield batch
-            self.epoch += 1
-            self.batches_in_epoch = 0
+                in_epoch += 1
+                yield batch, epoch, in_epoch
+            epoch, in_epoch = epoch + 1, 0
             empty_epochs = 0 if got else empty_epochs + 1
             if empty_epochs >= 2:  # one empty epoch is normal after resuming exactly at its end
                 raise KilnDataError("data loader: two epochs in a row yielded no micro-batch; the dataset is empty")
+
+    def _read_ahead(self) -> None:
+        assert self._queue is not None and self._gen is not None
+        try:
+            for item in self._gen:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put(e)
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -182,7 +207,22 @@ class TrainLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._gen is None:
             self._gen = self._batches()
-        return next(self._gen)
+            if self.prefetch > 0:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._thread = threading.Thread(target=self._read_ahead, name="kiln-data-prefetch", daemon=True)
+                self._thread.start()
+        item = self._queue.get() if self._queue is not None else next(self._gen)
+        if isinstance(item, BaseException):
+            raise item
+        batch, self.epoch, self.batches_in_epoch = item
+        return batch
+
+    def close(self) -> None:
+        """Stop the read-ahead thread (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the global sample stream; the same on every rank, valid for any dp_size."""
@@ -216,6 +256,7 @@ def build_train_loader(
     dp_size: int,
     replication: int = 1,
     num_workers: int = 0,
+    prefetch: int = 0,
     global_batch_size: int | None = None,
     num_canonical_nodes: int = 1,
     cache_dir: str | None = None,
@@ -226,7 +267,8 @@ def build_train_loader(
     mixed by streaming's ``Stream`` weights (each epoch draws exactly ``proportion`` of its
     samples from each stream, or every stream ``repeat`` times). ``global_batch_size``
     (micro-batch × dp × accumulation; default micro-batch × dp) makes every epoch a whole
-    number of global batches. A remote path (``s3://…``) is cached under ``cache_dir``
+    number of global batches. ``prefetch`` micro-batches are read ahead by a background thread
+    (0: on demand). A remote path (``s3://…``) is cached under ``cache_dir``
     (default ``$KILN_CACHE_DIR/streaming/<hash>``).
     """
     from streaming import Stream, StreamingDataset
@@ -285,7 +327,7 @@ def build_train_loader(
                 f"call kiln.data.loader.clean_stale_shm() once at job start, or use another cache_dir") from e
         raise
     loader = TrainLoader(dataset, micro_batch_size=micro_batch_size, dp_size=dp_size, num_workers=num_workers,
-                         meta=meta)
+                         meta=meta, prefetch=prefetch)
     if not loader.seq_len:
         # Remote: the index is in the local cache now; read the width of the tokens column.
         loader.seq_len = int(dataset.shards[0].column_encodings[0].rsplit(":", 1)[-1]) - 1

@@ -61,6 +61,7 @@ def build_batches(config: RunConfig, ctx) -> tuple[Iterator[dict[str, torch.Tens
         dp_size=layout.dp,
         replication=layout.replica_size,
         num_workers=config.data.num_workers,
+        prefetch=config.data.prefetch,
         global_batch_size=config.train.global_batch_size,
     )
     if ctx.rank == 0:

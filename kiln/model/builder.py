@@ -31,8 +31,8 @@ def transformer_config(config: RunConfig, ctx: ParallelContext):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m, layout = config.model, ctx.layout
-    bf16 = config.train.precision == "bf16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    precision = config.train.precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -55,7 +55,8 @@ def transformer_config(config: RunConfig, ctx: ParallelContext):
         sequence_parallel=config.parallel.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        bf16=bf16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         # kiln initialises weights itself (layout-independent, see kiln.model.init); megatron
         # still runs its init path with a no-op method because that path tags each weight
         # with its TP partition dim and stride, which kiln's init reads.

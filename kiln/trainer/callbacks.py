@@ -31,6 +31,7 @@ class ConsoleLogger(Callback):
             f"step {m['step']:>{self.width}} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
             f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | {m['step_time_s'] * 1000:.0f} ms"
             + (f" | MFU {m['mfu'] * 100:.1f}%" if m.get("mfu") is not None else "")
+            + (f" | data wait {m['data_wait_frac'] * 100:.1f}%" if m.get("data_wait_frac") is not None else "")
             + (f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
         )
 

@@ -46,6 +46,7 @@ class Trainer:
         preemption=None,
         wandb_run_id: str | None = None,
         val_batches: list[dict[str, torch.Tensor]] | None = None,
+        deepspeed=None,
     ) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -60,10 +61,12 @@ class Trainer:
         )
         self.checkpointer, self.preemption, self.wandb_run_id = checkpointer, preemption, wandb_run_id
         self.val_batches = val_batches
+        self.deepspeed = deepspeed  # a kiln.parallel.deepspeed_engine.DeepSpeedEngine, or None: megatron
         self.step = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
         self._positions = torch.arange(config.model.seq_len, device=ctx.device).unsqueeze(0)
+        self._data_wait_s = 0.0  # time blocked on the data loader since the last logged step
 
     # -- one step ----------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -73,14 +76,23 @@ class Trainer:
         output = model(inputs, positions, attention_mask=None, labels=labels)  # last stage: loss [b, s]
         return output, _loss_func
 
+    def _token_losses(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token losses [b, s] of one micro-batch (the deepspeed engine's forward)."""
+        output, _ = self._forward_step(iter([batch]), model)
+        return output
+
     def train_step(self) -> tuple[torch.Tensor, float]:
         """Run one optimizer step; returns (this rank's summed micro-batch losses and count, grad norm)."""
+        # Every model chunk walks the same micro-batches (interleaved pipelines visit them
+        # once per chunk), and every rank draws them so all iterators stay in step.
+        wait_start = time.perf_counter()
+        microbatches = [next(self.batches) for _ in range(self.num_microbatches)]
+        self._data_wait_s += time.perf_counter() - wait_start
+        if self.deepspeed is not None:
+            return self.deepspeed.train_step(microbatches, self._token_losses, self.scheduler)
         for model in self.models:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        # Every model chunk walks the same micro-batches (interleaved pipelines visit them
-        # once per chunk), and every rank draws them so all iterators stay in step.
-        microbatches = [next(self.batches) for _ in range(self.num_microbatches)]
         iterators = [iter(microbatches) for _ in self.models]
         losses = self.forward_backward(
             forward_step_func=self._forward_step,
@@ -102,6 +114,19 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the validation micro-batches (forward only, the same schedule)."""
+        if self.deepspeed is not None:
+            losses = [{"lm loss": loss} for loss in self.deepspeed.eval_losses(self.val_batches, self._token_losses)]
+        else:
+            losses = self._megatron_eval_losses()
+        stats = torch.zeros(2, dtype=torch.float64)
+        if losses:
+            stats[0] = sum(float(d["lm loss"]) for d in losses) / len(losses)
+            stats[1] = 1.0
+        dist.all_reduce(stats)
+        loss = float(stats[0] / stats[1])
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def _megatron_eval_losses(self) -> list[dict[str, torch.Tensor]]:
         for model in self.models:
             model.eval()
         with torch.no_grad():
@@ -118,13 +143,7 @@ class Trainer:
             )
         for model in self.models:
             model.train()
-        stats = torch.zeros(2, dtype=torch.float64)
-        if losses:
-            stats[0] = sum(float(d["lm loss"]) for d in losses) / len(losses)
-            stats[1] = 1.0
-        dist.all_reduce(stats)
-        loss = float(stats[0] / stats[1])
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return losses
 
     def _evaluation_due(self) -> bool:
         if self.val_batches is None:
@@ -150,11 +169,14 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or evaluate:
                 if self.ctx.device.type == "cuda":
                     torch.cuda.synchronize()
-                step_time = (time.perf_counter() - window_start) / window_steps
+                window_s = time.perf_counter() - window_start
+                step_time = window_s / window_steps
+                data_wait = self._data_wait_fraction(window_s)
                 # Every last-stage rank holds the same (tp, cp) loss for its replica: summing the
                 # pairs over the world and dividing averages over data-parallel replicas.
                 dist.all_reduce(loss_stats)
                 metrics = self._metrics(float(loss_stats[0] / loss_stats[1]), grad_norm, step_time)
+                metrics["data_wait_frac"] = data_wait
                 if evaluate:
                     metrics.update(self.evaluate())
                 history.append(metrics)
@@ -168,6 +190,13 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.wait()
         return history
+
+    def _data_wait_fraction(self, window_s: float) -> float:
+        """Share of the logging window the slowest rank spent blocked on its data loader."""
+        wait = torch.tensor([self._data_wait_s / max(window_s, 1e-9)], dtype=torch.float64)
+        dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+        self._data_wait_s = 0.0
+        return float(wait[0])
 
     def _checkpoint_after_step(self) -> None:
         every, last = self.config.checkpoint.every, self.step == self.config.train.max_steps
@@ -199,6 +228,8 @@ class Trainer:
             metrics["tflops_per_gpu"] = tflops_per_gpu / 1e12
             if self.peak_flops:
                 metrics["mfu"] = tflops_per_gpu / self.peak_flops
+        if self.deepspeed is not None and self.config.train.precision == "fp16":
+            metrics["loss_scale"] = self.deepspeed.loss_scale()
         if self.ctx.device.type == "cuda":
             metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
