@@ -33,9 +33,18 @@ log = logging.getLogger("kiln")
 
 
 def use_cpu_accelerator(device: torch.device) -> None:
-    """DeepSpeed picks its accelerator when first imported; on CPU it must be told."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """DeepSpeed picks its accelerator when first imported; on CPU it must be told.
+
+    Its CPU communication backend also JIT-compiles a shared-memory all-reduce op (a minute
+    of g++ on a fresh machine, and a compiler it may not have) that only its inference path
+    uses; marking the op incompatible makes it skip the build and use gloo for everything.
+    """
+    if device.type != "cpu":
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class MegatronGroups:
@@ -178,7 +187,13 @@ class DeepSpeedEngine:
         self.module = self.engine.module
         self.zero_stage = self.engine.zero_optimization_stage()
         self.base_optimizer = self.optimizer.optimizer  # the torch/CPU Adam over ZeRO's flat partitions
-        init_adam_state(self.base_optimizer)
+        init_adam_state(self.base_optimizer, self.master_partitions())
+
+    def master_partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master partitions, the tensors the base Adam steps (and keys its state by)."""
+        if self.zero_stage == 3:
+            return list(self.optimizer.fp32_partitioned_groups_flat)  # stage 3 hands them to Adam per step
+        return list(self.optimizer.single_partition_of_fp32_groups)
 
     # -- what the trainer calls -------------------------------------------------------
     def train_step(self, microbatches, forward, scheduler) -> tuple[torch.Tensor, float]:
@@ -212,21 +227,22 @@ class DeepSpeedEngine:
         return float(self.optimizer.cur_scale) if self.config.train.precision == "fp16" else None
 
 
-def init_adam_state(adam: torch.optim.Optimizer) -> None:
+def init_adam_state(adam: torch.optim.Optimizer, partitions: list[torch.Tensor]) -> None:
     """Create Adam's moments now (zeros, step 0) rather than at the first step.
 
     Their memory is then visible in the start-up report, and a checkpoint can be loaded into
-    them before any step. Zero moments at step 0 are exactly what Adam's lazy init would make.
+    them before any step. Zero moments at step 0 are exactly what Adam's lazy init would make
+    (torch's AdamW keeps ``step`` as a float tensor, DeepSpeed's CPU Adam as an int).
     """
-    for group in adam.param_groups:
-        for flat in group["params"]:
-            if adam.state[flat]:
-                continue
-            step: Any = 0
-            if isinstance(adam, torch.optim.Optimizer) and "DeepSpeedCPUAdam" not in type(adam).__name__:
-                fused = group.get("fused") or group.get("capturable")
-                step = torch.zeros((), dtype=torch.float32, device=flat.device) if fused else torch.tensor(0.0)
-            adam.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    from_torch = type(adam).__module__.startswith("torch.")
+    on_device = adam.defaults.get("fused") or adam.defaults.get("capturable")
+    for flat in partitions:
+        if adam.state[flat]:
+            continue
+        step: Any = 0
+        if from_torch:
+            step = torch.zeros((), dtype=torch.float32, device=flat.device) if on_device else torch.tensor(0.0)
+        adam.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
 
 
 def _nbytes(tensors) -> int:
@@ -250,7 +266,7 @@ def memory_report(engine: DeepSpeedEngine) -> dict[str, int]:
         param_bytes = _nbytes(params)
     moments = _nbytes(v for state in engine.base_optimizer.state.values() for v in state.values()
                       if isinstance(v, torch.Tensor) and v.dim() > 0)
-    masters = [flat for group in engine.base_optimizer.param_groups for flat in group["params"]]
+    masters = engine.master_partitions()
     working = {p.data_ptr() for p in params} | ({p.ds_tensor.data_ptr() for p in params} if engine.zero_stage == 3 else set())
     master_bytes = _nbytes(m for m in masters if m.data_ptr() not in working)
     numel = sum(p.ds_numel if engine.zero_stage == 3 else p.numel() for p in params)
