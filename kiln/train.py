@@ -69,6 +69,9 @@ def run(config: RunConfig) -> list[dict]:
     from kiln.trainer.preemption import PreemptionWatcher
     from kiln.trainer.setup import build_callbacks, finalize_grads_hook
 
+    from kiln.parallel.deepspeed_engine import check_deepspeed_environment
+
+    check_deepspeed_environment(config)
     ctx = init_parallel(config)
     run_dir = resolve_run_dir(config)
     config.train.run_dir = str(run_dir)

@@ -66,6 +66,7 @@ def test_inspect_prints_counters_layout_and_global_shapes(run):
     assert "step         2" in lines
     assert "consumed     1,024 tokens, 8 samples" in lines  # 2 steps × 4 samples × 128 tokens
     assert "layout       tp=1 pp=1 cp=1 dp=1 (world size 1)" in lines
+    assert "engine       megatron" in lines
     assert "manifest     ok (sizes and CRC32s)" in lines
     embedding_rows = [line.split() for line in lines if line.split()[:1] == [EMBEDDING]]
     assert embedding_rows and embedding_rows[0][1:3] == ["(4096,", "64)"] and embedding_rows[0][3] == "float32"

@@ -3,18 +3,19 @@
 DeepSpeed's own checkpoints hold each rank's flat ZeRO partition, which only loads at the DP
 size that wrote it (or after an offline conversion to its "universal" format). kiln instead
 asks ZeRO for every parameter's whole (TP-local) fp32 value and Adam moments, and writes them
-as megatron-core ShardedTensors that carry the model's own TP sharding and are replicated over
-DP. That is the format the megatron engine writes, so the files are resharded on load by DCP
-like any other kiln checkpoint: a ZeRO-3 run saved at DP=2 resumes at DP=1, or the reverse.
+as megatron-core ShardedTensors that carry the model's own TP sharding. That is the format
+the megatron engine writes, so DCP reshards on load like any other kiln checkpoint: a ZeRO-3
+run saved at DP=2 resumes at DP=1, or the reverse, or at another stage or TP size.
 
-Cost: while the state dict is built, each rank holds one whole fp32 copy of its TP shard of
-the parameters and of each Adam moment (ZeRO's gathers are collective, so every DP rank gets
-the values; only DP rank 0 writes them).
+Saving: ZeRO's gathers are collective, one parameter at a time, so every DP rank sees each
+whole value for a moment; each parameter is kept (in CPU memory) and written by one DP rank
+only, chosen to balance bytes, so each rank holds and writes about 1/dp of the state. Loading reads the whole
+values on every rank (in CPU memory) and each rank keeps its ZeRO partition of them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from typing import Any
 
 import torch
@@ -24,27 +25,47 @@ from kiln.errors import KilnCheckpointError
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-@contextlib.contextmanager
-def _whole_parameters(ds):
-    """ZeRO-3 keeps only partitions in the module; gather the whole parameters for a while."""
-    if ds.zero_stage != 3:
-        yield
-        return
-    import deepspeed
+def checkpoint_template(module: torch.nn.Module) -> dict[str, Any]:
+    """The module's sharded state dict, taken while its parameters are whole (before ZeRO-3
+    partitions them), with data swapped for shape-only meta tensors."""
+    params = dict(module.named_parameters())
+    template = module.sharded_state_dict()
+    for key, entry in template.items():
+        if key in params:
+            entry.data = torch.empty(params[key].shape, dtype=params[key].dtype, device="meta")
+    return template
 
-    with deepspeed.zero.GatheredParameters(list(ds.module.parameters()), modifier_rank=None):
-        yield
+
+def _placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Right shape, no memory: for copies this rank declares but does not write."""
+    return torch.zeros((), dtype=dtype).expand(shape)
 
 
-def _model_state(ds) -> tuple[dict[str, Any], dict[str, torch.nn.Parameter]]:
-    """The module's sharded state dict with every parameter's whole value copied out."""
-    params = dict(ds.module.named_parameters())
-    with _whole_parameters(ds):
-        state = ds.module.sharded_state_dict()
-        for key, entry in state.items():
-            if key in params:
-                entry.data = params[key].detach().clone()
-    return state, params
+def _entry(template_entry, key: str | None, data: torch.Tensor, replica_shift: int):
+    """A ShardedTensor/Factory like the template's, with ``data``, whose replica id has
+    ``replica_shift`` as its DP component (megatron's last): 0 on the DP rank that writes it."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    replica = template_entry.replica_id
+    replica = (*replica[:-1], replica_shift) if isinstance(replica, tuple) else replica_shift
+    changes: dict[str, Any] = {"data": data, "replica_id": replica}
+    if key is not None:
+        changes["key"] = key
+    if isinstance(template_entry, ShardedTensor):  # a factory takes its dtype from data
+        changes["dtype"] = data.dtype
+    return dataclasses.replace(template_entry, **changes)
+
+
+def writers(shapes: dict[str, torch.Size], dp: int) -> dict[str, int]:
+    """The DP rank that keeps and writes each parameter: largest first onto the least loaded
+    rank, so every rank writes about 1/dp of the bytes (the same answer on every rank)."""
+    load = [0] * dp
+    owner = {}
+    for key in sorted(shapes, key=lambda k: (-shapes[k].numel(), k)):
+        rank = min(range(dp), key=lambda r: (load[r], r))
+        owner[key] = rank
+        load[rank] += shapes[key].numel()
+    return owner
 
 
 def sharded_state(ds, *, is_loading: bool) -> dict[str, Any]:
@@ -54,21 +75,32 @@ def sharded_state(ds, *, is_loading: bool) -> dict[str, Any]:
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from megatron.core.dist_checkpointing import ShardedObject
-    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
-    model, params = _model_state(ds)
+    template = ds.checkpoint_template
+    params = dict(ds.module.named_parameters())
+    dp, dp_rank = ds.ctx.layout.dp, ds.ctx.coords["dp"]
     half = ds.config.train.precision != "fp32"
+    model: dict[str, Any] = {k: v for k, v in template.items() if k not in params}  # e.g. _extra_state objects
     optimizer: dict[str, Any] = {name: {} for name in (*MOMENTS, *(("fp32_param",) if half else ()))}
-    for key, param in params.items():
-        for name in optimizer:
-            if is_loading:
-                value = torch.empty(model[key].data.shape, dtype=torch.float32, device=param.device)
-            elif name == "fp32_param":
-                value = safe_get_full_fp32_param(param)
-            else:
-                value = safe_get_full_optimizer_state(param, name)
-            optimizer[name][key] = make_sharded_optimizer_tensor(model[key], value.view(model[key].data.shape),
-                                                                 prefix=f"optimizer.{name}")
+    owner = writers({key: template[key].data.shape for key in params}, dp)
+    for key, param in params.items():  # the same order on every rank: ZeRO's gathers are collective
+        entry = template[key]
+        shape = entry.data.shape
+        shift = (dp_rank - owner[key]) % dp  # 0 on the DP rank that writes this parameter
+        if is_loading:
+            model[key] = _entry(entry, None, torch.empty(shape, dtype=param.dtype), 0)
+            for name in optimizer:
+                optimizer[name][key] = _entry(entry, f"optimizer.{name}.{entry.key}", torch.empty(shape), 0)
+            continue
+        master = safe_get_full_fp32_param(param).view(shape)
+        values = {name: master if name == "fp32_param" else safe_get_full_optimizer_state(param, name).view(shape)
+                  for name in optimizer}
+        # The working weight is the master cast to the parameter's dtype (that is how ZeRO makes it).
+        weight = master.to(param.dtype)
+        model[key] = _entry(entry, None, weight.cpu() if shift == 0 else _placeholder(shape, weight.dtype), shift)
+        for name, value in values.items():
+            data = value.cpu() if shift == 0 else _placeholder(shape, value.dtype)
+            optimizer[name][key] = _entry(entry, f"optimizer.{name}.{entry.key}", data, shift)
     optimizer["common"] = ShardedObject("optimizer.deepspeed_common", {} if is_loading else _common_state(ds), (1,),
                                         (0,), replica_id=ds.ctx.rank)
     return {"model0": model, "optimizer": optimizer}
@@ -92,13 +124,14 @@ def load(ds, loaded: dict[str, Any]) -> None:
     if lazy_link is not None:  # ZeRO-1/2 link moments to parameters at the first step; loading is first
         lazy_link()
     model, optimizer = loaded["model0"], loaded["optimizer"]
+    device = ds.ctx.device
     for key, param in ds.module.named_parameters():
         if key not in model:
             raise KilnCheckpointError(f"checkpoint has no value for parameter {key}")
         master = optimizer["fp32_param"][key] if "fp32_param" in optimizer else model[key]
-        safe_set_full_fp32_param(param, master.float())
+        safe_set_full_fp32_param(param, master.to(device, torch.float32))
         for name in MOMENTS:
-            safe_set_full_optimizer_state(param, optimizer[name][key].float(), name)
+            safe_set_full_optimizer_state(param, optimizer[name][key].to(device, torch.float32), name)
     _masters_to_working_weights(ds)
     common = optimizer["common"]
     for state in ds.base_optimizer.state.values():

@@ -160,6 +160,7 @@ def inspect_checkpoint(path: Path, checksums: bool = True) -> dict[str, Any]:
         "consumed_samples": meta.get("consumed_samples"),
         "saved_at": meta.get("saved_at"),
         "layout": meta.get("layout"),
+        "engine": _engine(meta),
         "versions": meta.get("versions"),
         "wandb_run_id": meta.get("wandb_run_id"),
         "verified": {"ok": verdict.ok, "reason": verdict.reason, "checksums": checksums},
@@ -184,6 +185,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"consumed     {_count(report['consumed_tokens'])} tokens, {_count(report['consumed_samples'])} samples",
         f"saved at     {report['saved_at'] or '?'}",
         f"layout       {_format_layout(report['layout'])}",
+        f"engine       {report['engine']}",
         f"versions     {_format_versions(report['versions'])}",
         f"manifest     {verdict}",
         f"files        {report['files']}, {_human_bytes(report['total_bytes'])}",
@@ -219,6 +221,12 @@ def _format_layout(layout: dict[str, Any] | None) -> str:
     parallel = " ".join(f"{k}={layout.get(k)}" for k in ("tp", "pp", "cp", "dp"))
     vpp = f" virtual_pp={layout['virtual_pp']}" if layout.get("virtual_pp") else ""
     return f"{parallel}{vpp} (world size {layout.get('world_size')})"
+
+
+def _engine(meta: dict[str, Any]) -> str:
+    parallel = meta.get("config", {}).get("parallel", {})
+    engine = parallel.get("engine", "?")
+    return f"deepspeed ZeRO-{parallel.get('zero_stage')}" if engine == "deepspeed" else engine
 
 
 def _format_versions(versions: dict[str, str] | None) -> str:

@@ -94,6 +94,21 @@ class MegatronGroups:
         return 1
 
 
+def check_deepspeed_environment(config: RunConfig) -> None:
+    """What the config cannot know: does this machine support the engine's settings?"""
+    from kiln.errors import KilnEnvironmentError
+    from kiln.parallel.backend import resolve_device
+
+    if config.parallel.engine != "deepspeed":
+        return
+    if resolve_device(config.train.device) == "cpu" and config.train.precision == "fp16":
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)()
+        if not supported:
+            raise KilnEnvironmentError(
+                "train.precision=fp16 on this CPU: it has no fp16 kernels (DeepSpeed's CPU accelerator "
+                "refuses it); use train.precision=bf16 or fp32 here, fp16 on a GPU")
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -181,6 +196,9 @@ class DeepSpeedEngine:
         cuda = ctx.device.type == "cuda"
         self.ds_config = deepspeed_config(config, ctx.layout.dp, cuda)
         optimizer = build_optimizer(config, model, cuda)
+        from kiln.checkpoint.deepspeed_state import checkpoint_template
+
+        self.checkpoint_template = checkpoint_template(model)  # while ZeRO-3 has not yet partitioned it
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, mpu=MegatronGroups(),
             dist_init_required=False)
@@ -206,6 +224,10 @@ class DeepSpeedEngine:
                 scheduler.step(increment=1)  # the LR of step k is schedule(k), as in the megatron engine
             self.engine.step()
             losses.append(loss.detach())
+        if not self.engine.was_step_applied():
+            # fp16 overflow: DeepSpeed skipped the update and lowered the loss scale; the
+            # schedule stays where it was, as DeepSpeed's own schedulers do.
+            scheduler.step(increment=-1)
         grad_norm = self.engine.get_global_grad_norm()
         stats = torch.zeros(2, dtype=torch.float64)
         stats[0] = float(torch.stack(losses).mean())
