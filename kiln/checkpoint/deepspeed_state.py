@@ -87,10 +87,10 @@ def sharded_state(ds, *, is_loading: bool) -> dict[str, Any]:
         entry = template[key]
         shape = entry.data.shape
         shift = (dp_rank - owner[key]) % dp  # 0 on the DP rank that writes this parameter
-        if is_loading:
-            model[key] = _entry(entry, None, torch.empty(shape, dtype=param.dtype), 0)
+        if is_loading:  # every rank reads every value; replica ids must still be distinct
+            model[key] = _entry(entry, None, torch.empty(shape, dtype=param.dtype), dp_rank)
             for name in optimizer:
-                optimizer[name][key] = _entry(entry, f"optimizer.{name}.{entry.key}", torch.empty(shape), 0)
+                optimizer[name][key] = _entry(entry, f"optimizer.{name}.{entry.key}", torch.empty(shape), dp_rank)
             continue
         master = safe_get_full_fp32_param(param).view(shape)
         values = {name: master if name == "fp32_param" else safe_get_full_optimizer_state(param, name).view(shape)
