@@ -3,7 +3,8 @@
 Every variant trains the same model on the same data and layout through the real CLI
 (``kiln train --nproc-per-node N``): the megatron engine (megatron-core DDP + its optimizer)
 is the baseline, then ``parallel.engine=deepspeed`` at ZeRO stages 1, 2 and 3. The step time
-of a run is the median of its logged windows after the first (which holds start-up). Variants
+of a run is the median of its logged windows after the first (which holds start-up). megatron with its distributed optimizer (megatron-core's ZeRO-1) is
+printed too, as the like-for-like peer of ZeRO-1. Variants
 run in rounds, in reversed order every other round, so drift in machine load hits all alike.
 
     python bench/deepspeed.py                      # CPU: 2 processes, a 4-layer 256-wide model
@@ -30,6 +31,8 @@ PRESETS = {
 }
 VARIANTS = {
     "megatron (baseline)": ["parallel.engine=megatron"],
+    # megatron-core's own optimizer sharding (ZeRO-1 style): the like-for-like peer of ZeRO-1.
+    "megatron distrib. optim.": ["parallel.engine=megatron", "optim.distributed_optimizer=true"],
     "deepspeed ZeRO-1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
     "deepspeed ZeRO-2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
     "deepspeed ZeRO-3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
@@ -69,7 +72,7 @@ def main() -> None:
           f"{args.rounds} rounds (median of rounds)")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"  {name:<22} {median * 1000:8.1f} ms/step   x{median / baseline:.2f} of megatron")
+        print(f"  {name:<26} {median * 1000:8.1f} ms/step   x{median / baseline:.2f} of megatron")
 
 
 if __name__ == "__main__":
