@@ -121,6 +121,12 @@ def test_pipeline_with_deepspeed_stops_before_launch(tmp_path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_dry_run_names_the_zero_stage_and_offload() -> None:
+    out = kiln("train", "configs/tiny.yaml", "--dry-run", "--world-size", "4", *zero(3),
+               "parallel.offload_optimizer=cpu").stdout
+    assert "engine deepspeed (ZeRO-3, offload optimizer → cpu)" in out
+
+
 # -- parity ----------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_dp2_matches_megatron_single_process(stage, runs, megatron_baseline) -> None:

@@ -192,12 +192,12 @@ class DeepSpeedEngine:
         use_cpu_accelerator(ctx.device)
         import deepspeed
 
+        from kiln.checkpoint.deepspeed_state import checkpoint_template
+
         self.config, self.ctx = config, ctx
         cuda = ctx.device.type == "cuda"
         self.ds_config = deepspeed_config(config, ctx.layout.dp, cuda)
         optimizer = build_optimizer(config, model, cuda)
-        from kiln.checkpoint.deepspeed_state import checkpoint_template
-
         self.checkpoint_template = checkpoint_template(model)  # while ZeRO-3 has not yet partitioned it
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, mpu=MegatronGroups(),
@@ -240,10 +240,6 @@ class DeepSpeedEngine:
             losses = [float(forward(self.engine, batch).float().mean()) for batch in batches]
         self.engine.train()
         return losses
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
 
     def loss_scale(self) -> float | None:
         return float(self.optimizer.cur_scale) if self.config.train.precision == "fp16" else None

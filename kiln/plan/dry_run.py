@@ -54,8 +54,13 @@ def dry_run_report(config: RunConfig, world_size: int, vocab_size: int | None = 
 
     lines.append("layout")
     lines += ["  " + line for line in layout.describe().splitlines()]
+    engine = p.engine
+    if engine == "deepspeed":
+        offload = [f"{what} → {where}" for what, where in (("optimizer", p.offload_optimizer), ("params", p.offload_params))
+                   if where != "none"]
+        engine += f" (ZeRO-{p.zero_stage}{', offload ' + ', '.join(offload) if offload else ''})"
     lines.append(
-        f"  engine {p.engine}, precision {train.precision}, device {train.device}, "
+        f"  engine {engine}, precision {train.precision}, device {train.device}, "
         f"sequence parallel {_yes(p.sequence_parallel)}, distributed optimizer {_yes(config.optim.distributed_optimizer)}"
     )
     lines.append("")
