@@ -67,6 +67,7 @@ class Trainer:
         self.consumed_tokens = 0
         self._positions = torch.arange(config.model.seq_len, device=ctx.device).unsqueeze(0)
         self._data_wait_s = 0.0  # time blocked on the data loader since the last logged step
+        self._loader_started = False
 
     # -- one step ----------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -87,7 +88,7 @@ class Trainer:
         # once per chunk), and every rank draws them so all iterators stay in step.
         wait_start = time.perf_counter()
         microbatches = [next(self.batches) for _ in range(self.num_microbatches)]
-        self._data_wait_s += time.perf_counter() - wait_start
+        self._count_data_wait(time.perf_counter() - wait_start)
         if self.deepspeed is not None:
             return self.deepspeed.train_step(microbatches, self._token_losses, self.scheduler)
         for model in self.models:
@@ -190,6 +191,16 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.wait()
         return history
+
+    def _count_data_wait(self, waited_s: float) -> None:
+        """The first fetch of a process is the loader's one-time start (epoch shuffle, first
+        shards): logged once, kept out of the steady-state data-wait metric."""
+        if self._loader_started:
+            self._data_wait_s += waited_s
+            return
+        self._loader_started = True
+        if self.ctx.rank == 0:
+            log.info(f"data loader: first micro-batches after {waited_s:.2f}s")
 
     def _data_wait_fraction(self, window_s: float) -> float:
         """Share of the logging window the slowest rank spent blocked on its data loader."""
