@@ -63,13 +63,12 @@ def run(config: RunConfig) -> list[dict]:
     from kiln.data.setup import build_batches, build_val_batches
     from kiln.model.builder import build_model, transformer_config
     from kiln.parallel.backend import destroy_parallel, init_parallel
+    from kiln.parallel.deepspeed_engine import check_deepspeed_environment
     from kiln.plan.flops import flops_per_token, peak_flops
     from kiln.trainer.loop import Trainer
     from kiln.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
     from kiln.trainer.preemption import PreemptionWatcher
     from kiln.trainer.setup import build_callbacks, finalize_grads_hook
-
-    from kiln.parallel.deepspeed_engine import check_deepspeed_environment
 
     check_deepspeed_environment(config)
     ctx = init_parallel(config)

@@ -10,6 +10,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
+# Parity runs: fp32, a loss logged every step, and a global batch of 8 = micro-batch 4 × 2
+# micro-batches on one rank, or 4 × 1 on each of 2 DP ranks.
+PARITY_SETTINGS = (
+    "train.log_every=1",
+    "train.precision=fp32",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "optim.warmup_steps=2",
+    "logging.wandb=disabled",
+)
 
 
 def kiln(*args: str, cache_dir: Path | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -15,21 +15,10 @@ import pytest
 from kiln.config import config_from_dict
 from kiln.errors import KilnConfigError
 from kiln.parallel.deepspeed_engine import deepspeed_config
-from tests.kiln_run import kiln, read_metrics, train
+from tests.kiln_run import PARITY_SETTINGS, kiln, read_metrics, train
 
 STEPS = 8
-# Global batch 8 = micro-batch 4 × 2 micro-batches on one rank, or 4 × 1 on each of 2 DP ranks.
-COMMON = (
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "train.precision=fp32",
-    "train.micro_batch_size=4",
-    "train.global_batch_size=8",
-    "optim.warmup_steps=2",
-    "optim.grad_clip=0.3",
-    "checkpoint.every=0",
-    "logging.wandb=disabled",
-)
+COMMON = (f"train.max_steps={STEPS}", *PARITY_SETTINGS, "optim.grad_clip=0.3", "checkpoint.every=0")
 DEEPSPEED = ("parallel.engine=deepspeed",)
 REL_TOL = 1e-4
 

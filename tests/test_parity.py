@@ -8,19 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kiln_run import train
+from tests.kiln_run import PARITY_SETTINGS, train
 
 STEPS = 6
-# Global batch 8 = micro-batch 4 × 2 micro-batches on one rank, or 4 × 1 on each of 2 DP ranks.
-COMMON = (
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "train.precision=fp32",
-    "train.micro_batch_size=4",
-    "train.global_batch_size=8",
-    "optim.warmup_steps=2",
-    "logging.wandb=disabled",
-)
+COMMON = (f"train.max_steps={STEPS}", *PARITY_SETTINGS)
 REL_TOL = 1e-4
 
 

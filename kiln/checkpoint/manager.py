@@ -151,15 +151,7 @@ class CheckpointManager:
         started = time.perf_counter()
         sharded = ckpt_state.sharded_state(trainer, is_loading=True, with_rng=with_rng)
         loaded = dist_checkpointing.load(sharded, str(path))
-        if trainer.deepspeed is not None:
-            from kiln.checkpoint import deepspeed_state
-
-            deepspeed_state.load(trainer.deepspeed, loaded)
-        else:
-            for index, model in enumerate(trainer.models):
-                model.module.load_state_dict(loaded[f"model{index}"])
-            with ckpt_state.torch_adam_load_fixes(trainer.optimizer):
-                trainer.optimizer.load_state_dict(loaded["optimizer"])
+        ckpt_state.load_model_and_optimizer(trainer, loaded)
         if with_rng:
             ckpt_state.restore_rng(loaded["rng"], self.ctx.device)
         ckpt_state.apply_metadata(trainer, meta)

@@ -146,6 +146,19 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> dict[s
     return state
 
 
+def load_model_and_optimizer(trainer, loaded: dict[str, Any]) -> None:
+    """Put the model and optimizer parts of a loaded ``sharded_state`` into the live engine."""
+    if trainer.deepspeed is not None:
+        from kiln.checkpoint import deepspeed_state
+
+        deepspeed_state.load(trainer.deepspeed, loaded)
+        return
+    for index, model in enumerate(trainer.models):
+        model.module.load_state_dict(loaded[f"model{index}"])
+    with torch_adam_load_fixes(trainer.optimizer):
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+
+
 def kiln_metadata(trainer, wandb_run_id: str | None) -> dict[str, Any]:
     layout = trainer.ctx.layout
     return {

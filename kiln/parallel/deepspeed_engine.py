@@ -196,11 +196,11 @@ class DeepSpeedEngine:
 
         self.config, self.ctx = config, ctx
         cuda = ctx.device.type == "cuda"
-        self.ds_config = deepspeed_config(config, ctx.layout.dp, cuda)
+        ds_config = deepspeed_config(config, ctx.layout.dp, cuda)
         optimizer = build_optimizer(config, model, cuda)
         self.checkpoint_template = checkpoint_template(model)  # while ZeRO-3 has not yet partitioned it
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config, mpu=MegatronGroups(),
+            model=model, optimizer=optimizer, config=ds_config, mpu=MegatronGroups(),
             dist_init_required=False)
         self.module = self.engine.module
         self.zero_stage = self.engine.zero_optimization_stage()

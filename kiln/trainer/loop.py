@@ -116,18 +116,18 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the validation micro-batches (forward only, the same schedule)."""
         if self.deepspeed is not None:
-            losses = [{"lm loss": loss} for loss in self.deepspeed.eval_losses(self.val_batches, self._token_losses)]
+            losses = self.deepspeed.eval_losses(self.val_batches, self._token_losses)
         else:
             losses = self._megatron_eval_losses()
         stats = torch.zeros(2, dtype=torch.float64)
-        if losses:
-            stats[0] = sum(float(d["lm loss"]) for d in losses) / len(losses)
+        if losses:  # with pipelines, only the last stage has them
+            stats[0] = sum(losses) / len(losses)
             stats[1] = 1.0
         dist.all_reduce(stats)
         loss = float(stats[0] / stats[1])
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
-    def _megatron_eval_losses(self) -> list[dict[str, torch.Tensor]]:
+    def _megatron_eval_losses(self) -> list[float]:
         for model in self.models:
             model.eval()
         with torch.no_grad():
@@ -144,7 +144,7 @@ class Trainer:
             )
         for model in self.models:
             model.train()
-        return losses
+        return [float(d["lm loss"]) for d in losses]
 
     def _evaluation_due(self) -> bool:
         if self.val_batches is None:
@@ -239,8 +239,9 @@ class Trainer:
             metrics["tflops_per_gpu"] = tflops_per_gpu / 1e12
             if self.peak_flops:
                 metrics["mfu"] = tflops_per_gpu / self.peak_flops
-        if self.deepspeed is not None and self.config.train.precision == "fp16":
-            metrics["loss_scale"] = self.deepspeed.loss_scale()
+        loss_scale = self.deepspeed.loss_scale() if self.deepspeed is not None else None
+        if loss_scale is not None:
+            metrics["loss_scale"] = loss_scale
         if self.ctx.device.type == "cuda":
             metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
