@@ -71,15 +71,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc_per_node and not _inside_torchrun():
         from kiln.checkpoint.manager import check_resume_settings
         from kiln.data.setup import check_data
-        from kiln.parallel.deepspeed_engine import check_deepspeed_environment
-        from kiln.parallel.layout import ParallelLayout
+        from kiln.engine import engine_class
+        from kiln.parallel.backend import resolve_device
 
         # A broken layout, tokenizer or dataset stops here, before any process starts.
         nodes = int(str(args.nnodes or 1).split(":")[-1])
-        ParallelLayout.from_config(config, args.nproc_per_node * nodes)
-        check_deepspeed_environment(config)
-        check_data(config)
-        check_resume_settings(config)
+        config.layout(args.nproc_per_node * nodes)
+        engine_class(config.parallel.engine).check_environment(config.parallel, config.train,
+                                                               resolve_device(config.train.device))
+        check_data(config.data, config.model)
+        check_resume_settings(config.checkpoint, config.train.run_dir)
         if not config.train.run_dir:  # fixed here so every restart of the workers finds the same run
             from kiln.train import default_run_dir
 

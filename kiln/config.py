@@ -107,15 +107,20 @@ class ParallelConfig:
     """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
     sequence_parallel: bool = False
     """Shard norm and dropout activations over the TP group (needs tp > 1)."""
-    engine: Literal["megatron", "deepspeed"] = "megatron"
-    """megatron: megatron-core DDP, optimizer and pipeline schedules; deepspeed: DeepSpeed ZeRO over
-    megatron-core's tensor-parallel layers (no pipeline parallelism)."""
+    engine: str = "megatron"
+    """The training engine (kiln.engine.ENGINES): megatron (megatron-core DDP, optimizer and pipeline
+    schedules), deepspeed (DeepSpeed ZeRO over megatron-core's tensor-parallel layers) or fsdp
+    (torch FSDP2 over megatron-core's tensor-parallel layers)."""
     zero_stage: int = 1
     """engine=deepspeed: ZeRO stage; 1 shards optimizer states, 2 also gradients, 3 also parameters."""
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
     """engine=deepspeed: keep optimizer states (and the step) in CPU memory or on NVMe (ZeRO-Offload)."""
     offload_params: Literal["none", "cpu", "nvme"] = "none"
-    """engine=deepspeed, zero_stage=3: keep parameter partitions in CPU memory or on NVMe (ZeRO-Infinity)."""
+    """engine=deepspeed, zero_stage=3: keep parameter partitions in CPU memory or on NVMe (ZeRO-Infinity);
+    engine=fsdp: cpu keeps parameter shards, gradients and the optimizer step in CPU memory."""
+    reshard_after_forward: bool = True
+    """engine=fsdp: free gathered parameters after each layer's forward (gathered again for backward);
+    false keeps them until backward: less communication, more memory (ZeRO-2 style)."""
     nvme_path: str | None = None
     """Directory on a local NVMe drive for offload to nvme."""
 
@@ -137,36 +142,9 @@ class ParallelConfig:
             not self.sequence_parallel or self.tp > 1,
             "parallel.sequence_parallel needs parallel.tp > 1 (it shards activations over the TP group)",
         )
-        self._check_deepspeed()
+        from kiln.engine import check_engine_name
 
-    def _check_deepspeed(self) -> None:
-        offloading = self.offload_optimizer != "none" or self.offload_params != "none"
-        if self.engine != "deepspeed":
-            _check(not offloading, "parallel.offload_optimizer/offload_params need parallel.engine=deepspeed")
-            return
-        _check(self.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
-        _check(
-            self.pp == 1 and self.virtual_pp in (None, 1),
-            f"parallel.pp={self.pp}: the deepspeed engine does not run pipeline parallelism (DeepSpeed's own "
-            "pipeline engine cannot drive megatron-core's model); use parallel.engine=megatron for pp > 1, "
-            "or set parallel.pp=1 and shard with parallel.zero_stage instead",
-        )
-        _check(
-            not self.sequence_parallel,
-            "parallel.sequence_parallel with parallel.engine=deepspeed: the norm gradients it leaves partial "
-            "over the TP group are reduced by megatron-core DDP, which DeepSpeed replaces; set "
-            "parallel.sequence_parallel=false (or use parallel.engine=megatron)",
-        )
-        _check(
-            self.offload_params == "none" or self.zero_stage == 3,
-            f"parallel.offload_params={self.offload_params} needs parallel.zero_stage=3 (only ZeRO-3 partitions "
-            "parameters)",
-        )
-        _check(
-            "nvme" not in (self.offload_optimizer, self.offload_params) or bool(self.nvme_path),
-            "offload to nvme needs parallel.nvme_path (a directory on a local NVMe drive)",
-        )
-
+        check_engine_name(self.engine)
 
     @property
     def model_parallel_size(self) -> int:
@@ -374,21 +352,7 @@ class RunConfig:
     """parallel.engine=deepspeed: extra DeepSpeed config keys, merged over the config kiln generates."""
 
     def __post_init__(self) -> None:
-        _check(
-            self.train.precision != "fp16" or self.parallel.engine == "deepspeed",
-            "train.precision=fp16 needs parallel.engine=deepspeed (its dynamic loss scaler); the megatron "
-            "engine trains in bf16 or fp32",
-        )
-        _check(
-            not (self.optim.distributed_optimizer and self.parallel.engine == "deepspeed"),
-            "optim.distributed_optimizer is megatron's ZeRO-1; with parallel.engine=deepspeed the optimizer is "
-            "sharded by parallel.zero_stage: set optim.distributed_optimizer=false",
-        )
-        _check(
-            self.deepspeed is None or self.parallel.engine == "deepspeed",
-            "the config has a deepspeed: section but parallel.engine is megatron; set parallel.engine=deepspeed "
-            "or remove the section",
-        )
+        self._check_engine()
         _check(
             self.parallel.cp == 1 or self.model.seq_len % (2 * self.parallel.cp) == 0,
             f"model.seq_len({self.model.seq_len}) must be divisible by 2 × parallel.cp({self.parallel.cp}) "
@@ -401,6 +365,33 @@ class RunConfig:
             f"optim.warmup_steps({self.optim.warmup_steps}) + optim.decay_steps({self.optim.decay_steps}) = "
             f"{self.optim.warmup_steps + self.optim.decay_steps} exceeds train.max_steps({self.train.max_steps})",
         )
+
+    def _check_engine(self) -> None:
+        """The engine's own checks, and no engine's options section set for another engine."""
+        from kiln.engine import ENGINES, engine_class
+
+        engine = engine_class(self.parallel.engine)
+        engine.validate(self.parallel, self.optim, self.train)
+        for name in ENGINES:
+            section = engine_class(name).options_section
+            _check(
+                section is None or name == self.parallel.engine or getattr(self, section) is None,
+                f"the config has a {section}: section but parallel.engine is {self.parallel.engine}; set "
+                f"parallel.engine={name} or remove the section",
+            )
+
+    def engine_options(self) -> dict[str, Any] | None:
+        """The running engine's own section (e.g. ``deepspeed:``), or None."""
+        from kiln.engine import engine_class
+
+        section = engine_class(self.parallel.engine).options_section
+        return getattr(self, section) if section else None
+
+    def layout(self, world_size: int):
+        """The validated parallel layout of this run on ``world_size`` ranks (kiln.parallel.layout)."""
+        from kiln.parallel.layout import ParallelLayout
+
+        return ParallelLayout.build(self.parallel, self.model, self.train, world_size)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

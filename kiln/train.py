@@ -11,8 +11,6 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-import torch.distributed as dist
-
 from kiln.config import RunConfig, dump_config
 from kiln.log import setup_logging
 
@@ -27,31 +25,19 @@ def default_run_dir(config: RunConfig) -> str:
     return f"runs/{config.name}-{run_id}"
 
 
-def resolve_run_dir(config: RunConfig) -> Path:
-    """train.run_dir, or the default chosen by rank 0 and shared with every rank."""
-    chosen = [config.train.run_dir or default_run_dir(config)]
-    dist.broadcast_object_list(chosen, src=0)
-    return Path(chosen[0])
+def report_state_bytes(engine, ctx, run_dir: Path) -> None:
+    """Every rank's parameter, gradient and optimizer-state bytes: logged by rank 0 and written to
+    <run_dir>/state_bytes.json (collective)."""
+    from kiln.parallel import collectives
 
-
-def keep_metrics_through(path: Path, step: int) -> None:
-    """On resume, drop metrics.jsonl records past the checkpoint: those steps are re-run."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def new_wandb_run_id(config: RunConfig) -> str | None:
-    if config.logging.wandb == "disabled":
-        return None
-    import secrets
-    import string
-
-    alphabet = string.ascii_lowercase + string.digits  # the alphabet of W&B's own run ids
-    return "".join(secrets.choice(alphabet) for _ in range(8))
+    reports = collectives.all_gather_object({"rank": ctx.rank, **ctx.coords, **engine.state_bytes()})
+    if ctx.rank == 0:
+        for r in reports:
+            log.info(f"rank {r['rank']} (dp {r['dp']}, tp {r['tp']}, pp {r['pp']}): parameters "
+                     f"{r['parameters'] / 2**20:.2f} MiB, gradients {r['gradients'] / 2**20:.2f} MiB, "
+                     f"optimizer states {r['optimizer'] / 2**20:.2f} MiB")
+        description = engine.describe(engine.parallel_config)
+        (run_dir / "state_bytes.json").write_text(json.dumps({"engine": description, "ranks": reports}, indent=1) + "\n")
 
 
 def run(config: RunConfig) -> list[dict]:
@@ -61,18 +47,19 @@ def run(config: RunConfig) -> list[dict]:
     """
     from kiln.checkpoint.manager import CheckpointManager
     from kiln.data.setup import build_batches, build_val_batches
-    from kiln.model.builder import build_model, transformer_config
-    from kiln.parallel.backend import destroy_parallel, init_parallel
-    from kiln.parallel.deepspeed_engine import check_deepspeed_environment
+    from kiln.engine import build_engine, engine_class
+    from kiln.model.builder import build_model
+    from kiln.parallel import collectives
+    from kiln.parallel.backend import destroy_parallel, init_parallel, resolve_device
     from kiln.plan.flops import flops_per_token, peak_flops
+    from kiln.trainer.callbacks import build_callbacks
     from kiln.trainer.loop import Trainer
-    from kiln.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
     from kiln.trainer.preemption import PreemptionWatcher
-    from kiln.trainer.setup import build_callbacks, finalize_grads_hook
 
-    check_deepspeed_environment(config)
-    ctx = init_parallel(config)
-    run_dir = resolve_run_dir(config)
+    engine_class(config.parallel.engine).check_environment(config.parallel, config.train,
+                                                           resolve_device(config.train.device))
+    ctx = init_parallel(config.train.device, config.train.seed, config.layout)
+    run_dir = Path(collectives.broadcast_object(config.train.run_dir or default_run_dir(config)))
     config.train.run_dir = str(run_dir)
     setup_logging(ctx.rank, run_dir / "logs", config.logging.all_ranks)
     if ctx.rank == 0:
@@ -80,54 +67,41 @@ def run(config: RunConfig) -> list[dict]:
         dump_config(config, run_dir / "config.yaml")
         log.info(f"run directory: {run_dir.resolve()}")
         log.info("layout: " + ctx.layout.describe(max_groups=4).replace("\n", "\n[kiln]   "))
-    checkpointer = CheckpointManager(config, ctx, run_dir)
+    checkpointer = CheckpointManager(config.checkpoint, ctx, run_dir, config.model, config.to_dict())
     checkpointer.prepare()
     resume_from = checkpointer.find_resume_point()  # before building anything: a bad one stops here
     preemption = PreemptionWatcher(ctx.device) if config.checkpoint.save_on_signal else None
-    trainer = batches = None
+    trainer = batches = engine = None
     try:
-        batches, vocab_size = build_batches(config, ctx)
-        tconfig = transformer_config(config, ctx)
-        deepspeed = None
-        if config.parallel.engine == "deepspeed":
-            from kiln.parallel.deepspeed_engine import DeepSpeedEngine, report_state_bytes
-
-            deepspeed = DeepSpeedEngine(config, ctx, build_model(config, ctx, vocab_size, tconfig)[0])
-            models, optimizer = [deepspeed.module], deepspeed.optimizer
-            report_state_bytes(deepspeed, run_dir)
-        else:
-            models = wrap_ddp(config, build_model(config, ctx, vocab_size, tconfig), tconfig, ctx)
-            optimizer = build_optimizer(config, models)
-            finalize_grads_hook(tconfig, optimizer)
+        batches, vocab_size = build_batches(config.data, config.train, config.model, ctx)
+        engine = build_engine(config.parallel.engine, build_model(config.model, config.parallel, config.train, ctx,
+                                                                  vocab_size),
+                              model=config.model, optim=config.optim, parallel=config.parallel, train=config.train,
+                              ctx=ctx, **({"options": config.engine_options()} if config.engine_options() else {}))
+        report_state_bytes(engine, ctx, run_dir)
         trainer = Trainer(
-            config,
-            ctx,
-            models,
-            optimizer,
-            build_scheduler(config, optimizer),
-            batches,
-            callbacks=[],
-            flops_per_token=flops_per_token(config.model, vocab_size),
-            peak_flops=peak_flops(ctx.device),
-            checkpointer=checkpointer,
-            preemption=preemption,
-            val_batches=build_val_batches(config, ctx),
-            deepspeed=deepspeed,
+            train=config.train, data=config.data, seq_len=config.model.seq_len, ctx=ctx, engine=engine,
+            batches=batches,
+            callbacks=build_callbacks(config.logging, rank=ctx.rank, run_dir=run_dir, max_steps=config.train.max_steps,
+                                      run_config=config.to_dict()),
+            checkpoint_every=config.checkpoint.every, checkpointer=checkpointer, preemption=preemption,
+            val_batches=build_val_batches(config.data, config.train, ctx),
+            flops_per_token=flops_per_token(config.model, vocab_size), peak_flops=peak_flops(ctx.device),
         )
-        meta = checkpointer.load(resume_from, trainer) if resume_from is not None else {}
-        trainer.wandb_run_id = meta.get("wandb_run_id") or (new_wandb_run_id(config) if ctx.rank == 0 else None)
-        if ctx.rank == 0 and resume_from is not None:
-            keep_metrics_through(run_dir / "metrics.jsonl", trainer.step)
-        trainer.callbacks = build_callbacks(config, ctx, run_dir, trainer.wandb_run_id)
+        if resume_from is not None:
+            checkpointer.load(resume_from, engine, trainer.checkpoint_parts())
         history = trainer.train()
         if ctx.rank == 0 and history:
-            log.info(f"done: {trainer.step} steps, final loss {history[-1]['loss']:.4f}; run directory {run_dir.resolve()}")
+            log.info(f"done: {trainer.state.step} steps, final loss {history[-1]['loss']:.4f}; "
+                     f"run directory {run_dir.resolve()}")
     finally:
         if trainer is not None:
             trainer.close()
         if batches is not None:
             batches.close()
         checkpointer.close()
+        if engine is not None:
+            engine.close()
         if preemption is not None:
             preemption.close()
         destroy_parallel()

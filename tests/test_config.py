@@ -58,13 +58,13 @@ def test_bad_values_name_the_setting(override, message):
 def test_layout_errors_show_the_arithmetic(overrides, world, message):
     config = config_from_dict({}, overrides)
     with pytest.raises(KilnConfigError) as err:
-        ParallelLayout.from_config(config, world)
+        config.layout(world)
     assert message in str(err.value)
 
 
 def test_rank_order_keeps_a_data_parallel_replica_contiguous():
     config = config_from_dict({}, ["parallel.tp=2", "parallel.pp=2", "train.global_batch_size=16"])
-    layout = ParallelLayout.from_config(config, 8)
+    layout = config.layout(8)
     assert layout.dp == 2 and layout.replica_size == 4
     assert [layout.coords(r)["dp"] for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert layout.groups("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]

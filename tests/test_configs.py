@@ -50,7 +50,7 @@ def test_tiny_is_the_cpu_default() -> None:
     assert (config.optim.lr, config.optim.min_lr, config.optim.warmup_steps) == (3e-3, 3e-4, 20)
     assert config.logging.wandb == "offline"
     for world in (1, 2):
-        ParallelLayout.from_config(config, world)
+        config.layout(world)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -71,7 +71,7 @@ def test_table_covers_every_model_and_gpu_count() -> None:
 @pytest.mark.parametrize("config_file,gpus,overrides,layout_text,batch_text", TABLE, ids=lambda v: str(v))
 def test_table_row_validates(config_file: str, gpus: int, overrides: list[str], layout_text: str, batch_text: str) -> None:
     config = load_config(CONFIGS / config_file, overrides)
-    layout = ParallelLayout.from_config(config, gpus)
+    layout = config.layout(gpus)
     vpp = f" (virtual {layout.virtual_pp})" if layout.virtual_pp else ""
     assert layout_text == f"tp {layout.tp}, pp {layout.pp}{vpp}, dp {layout.dp}"
     assert batch_text == f"{config.train.micro_batch_size} × {layout.num_microbatches(config.train)}"

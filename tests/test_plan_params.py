@@ -70,7 +70,7 @@ def _layout(model: dict, parallel: dict, world: int, batch: int = 64) -> tuple[M
     config = config_from_dict(
         {"model": model, "parallel": parallel, "train": {"micro_batch_size": 1, "global_batch_size": batch}}
     )
-    return config.model, ParallelLayout.from_config(config, world)
+    return config.model, config.layout(world)
 
 
 def test_per_stage_untied_pipeline() -> None:

@@ -26,27 +26,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from kiln.checkpoint import state as ckpt_state
 from kiln.checkpoint import store
 from kiln.checkpoint.helpers import quiet_helper_process
-from kiln.config import RunConfig
+from kiln.config import CheckpointConfig, ModelConfig
 from kiln.errors import KilnCheckpointError
+from kiln.parallel import collectives
 
 log = logging.getLogger("kiln")
 
 _RANK_PIECE = ".kiln-files-rank{rank}.json"
 
 
-def check_resume_settings(config: RunConfig) -> None:
+def check_resume_settings(checkpoint: CheckpointConfig, run_dir: str | None) -> None:
     """Before any process starts: the resume settings must make sense for what is on disk."""
-    run_dir = config.train.run_dir
-    root = Path(config.checkpoint.dir) if config.checkpoint.dir else (Path(run_dir) / "checkpoints" if run_dir else None)
+    root = Path(checkpoint.dir) if checkpoint.dir else (Path(run_dir) / "checkpoints" if run_dir else None)
     own = store.published_steps(root) if root is not None else []
-    if own and not config.checkpoint.resume:
+    if own and not checkpoint.resume:
         raise KilnCheckpointError(_mixing_runs_message(root, own))
-    source = config.checkpoint.resume_from
+    source = checkpoint.resume_from
     if source and not own and not Path(source).exists():
         raise KilnCheckpointError(f"checkpoint.resume_from={source}: no such file or directory")
 
@@ -58,9 +56,13 @@ def _mixing_runs_message(root: Path, own: list[int]) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, config: RunConfig, ctx, run_dir: Path) -> None:
-        self.cfg = config.checkpoint
+    def __init__(self, checkpoint: CheckpointConfig, ctx, run_dir: Path, model: ModelConfig,
+                 run_config: dict[str, Any]) -> None:
+        self.cfg = checkpoint
         self.ctx = ctx
+        self.model_config, self.run_config = model, run_config
+        self.rng = ckpt_state.RNGState(ctx.device)
+        self._published: list[int] = []  # steps published since the trainer last asked
         self.root = Path(self.cfg.dir) if self.cfg.dir else Path(run_dir) / "checkpoints"
         self.in_flight: int | None = None  # step being written in the background
         self.last_saved_step: int | None = None
@@ -79,7 +81,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             for path in store.remove_stale_partials(self.root):
                 log.warning(f"removed {path.name}: a checkpoint save that never finished")
-        dist.barrier()
+        collectives.barrier()
 
     def find_resume_point(self) -> Path | None:
         """The checkpoint this run starts from, or None (collective; every rank agrees).
@@ -124,7 +126,7 @@ class CheckpointManager:
                 log.warning(f"checkpoint {path} is unusable: {verdict.reason}; {after}")
                 if move_bad_aside:
                     _move_aside(path)
-            dist.barrier()
+            collectives.barrier()
         return None
 
     def verify(self, path: Path) -> store.Verdict:
@@ -132,53 +134,67 @@ class CheckpointManager:
         manifest, verdict = store.check_manifest(path)
         if manifest is not None:
             names = sorted(manifest["files"])
-            world, rank = dist.get_world_size(), dist.get_rank()
+            world, rank = collectives.world_size(), collectives.rank()
             verdict = store.verify_files(path, names[rank::world], manifest, self.cfg.verify_checksums)
-        verdicts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, (verdict.ok, verdict.reason))
+        verdicts = collectives.all_gather_object((verdict.ok, verdict.reason))
         bad = [reason for ok, reason in verdicts if not ok]
         return store.Verdict(not bad, bad[0] if bad else "")
 
+    def latest(self) -> Path | None:
+        """The newest published checkpoint, or None."""
+        steps = store.published_steps(self.root)
+        return self.root / store.step_dir_name(steps[-1]) if steps else None
+
     # -- load ---------------------------------------------------------------------------
-    def load(self, path: Path, trainer) -> dict[str, Any]:
-        """Load model, optimizer, RNG, counters and data position into ``trainer`` (collective)."""
+    def load(self, path: Path, engine, parts: dict[str, Any]) -> dict[str, Any]:
+        """Load the engine's model and optimizer, the RNG states and every part (collective)."""
         from megatron.core import dist_checkpointing
 
+        from kiln.engine.base import SavedEngine
+
         meta = ckpt_state.read_metadata(path)
-        ckpt_state.check_architecture(meta, trainer.config, path)
+        ckpt_state.check_architecture(meta, self.model_config, path)
+        saved = SavedEngine(name=meta["engine"]["name"], checkpoint_format=meta["engine"]["checkpoint_format"],
+                            state=meta["engine"]["state"], step=int(meta["step"]),
+                            tensor_keys=ckpt_state.tensor_keys(path))
+        engine.check_can_load(saved, path)
         # RNG states belong to (pp, tp, cp) positions; under another layout they mean nothing.
         with_rng = ckpt_state.same_rng_layout(meta, self.ctx.layout)
         started = time.perf_counter()
-        sharded = ckpt_state.sharded_state(trainer, is_loading=True, with_rng=with_rng)
-        loaded = dist_checkpointing.load(sharded, str(path))
-        ckpt_state.load_model_and_optimizer(trainer, loaded)
+        sharded = engine.sharded_state_dict(is_loading=True, saved=saved)
         if with_rng:
-            ckpt_state.restore_rng(loaded["rng"], self.ctx.device)
-        ckpt_state.apply_metadata(trainer, meta)
-        self.last_saved_step = trainer.step
+            sharded["rng"] = ckpt_state.rng_sharded_object(self.rng, self.ctx.layout, self.ctx.coords, is_loading=True)
+        loaded = dist_checkpointing.load(sharded, str(path))
+        engine.load_sharded_state_dict(loaded, saved)
+        engine.load_state_dict(saved.state)
+        if with_rng:
+            self.rng.load_state_dict(loaded["rng"])
+        ckpt_state.load_parts(parts, meta)
+        self.last_saved_step = saved.step
         if self.rank == 0:
-            saved = meta["layout"]
-            log.info(f"resumed from {path} (step {trainer.step}, saved with tp={saved['tp']} pp={saved['pp']} "
-                     f"dp={saved['dp']}) in {time.perf_counter() - started:.1f}s"
+            layout = meta["layout"]
+            log.info(f"resumed from {path} (step {saved.step}, saved by the {saved.name} engine with tp={layout['tp']} "
+                     f"pp={layout['pp']} dp={layout['dp']}) in {time.perf_counter() - started:.1f}s"
                      + ("" if with_rng else "; layout changed, so RNG states start fresh"))
         return meta
 
     # -- save ---------------------------------------------------------------------------
-    def save(self, trainer, wandb_run_id: str | None, *, blocking: bool = False) -> None:
-        """Checkpoint the trainer at its current step (collective)."""
+    def save(self, step: int, engine, parts: dict[str, Any], *, blocking: bool = False) -> None:
+        """Checkpoint the engine and every part at ``step`` (collective)."""
         from megatron.core import dist_checkpointing
 
         started = time.perf_counter()
         self.wait()  # one save at a time: never two writers, never retention during a write
         self._ensure_writer_results_queue()
-        step = trainer.step
         partial = self.root / store.partial_dir_name(step)
         if self.rank == 0:
             store.remove_stale_partials(self.root)
             partial.mkdir(parents=True)
-            ckpt_state.write_metadata(partial, ckpt_state.kiln_metadata(trainer, wandb_run_id))
-        dist.barrier()
-        sharded = ckpt_state.sharded_state(trainer, is_loading=False)
+            ckpt_state.write_metadata(partial, ckpt_state.kiln_metadata(engine, parts, self.ctx.layout,
+                                                                         self.run_config))
+        collectives.barrier()
+        sharded = engine.sharded_state_dict(is_loading=False)
+        sharded["rng"] = ckpt_state.rng_sharded_object(self.rng, self.ctx.layout, self.ctx.coords, is_loading=False)
         request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
         request = request._replace(async_fn=_with_file_record(request.async_fn, partial, self.rank))
         request.add_finalize_fn(functools.partial(self._publish, step))
@@ -189,20 +205,27 @@ class CheckpointManager:
             request.execute_sync()
         self.blocked_s.append(time.perf_counter() - started)
 
-    def poll(self) -> None:
-        """Publish a finished background save; returns at once otherwise (collective)."""
+    def poll(self) -> list[int]:
+        """Publish a finished background save; returns at once otherwise (collective).
+        Returns the steps published since the last poll or wait."""
         if self.in_flight is not None:
             if self._queue.maybe_finalize_async_calls(blocking=False):
                 self.in_flight = None
+        return self._take_published()
 
-    def wait(self) -> None:
-        """Block until the background save (if any) is published (collective)."""
+    def wait(self) -> list[int]:
+        """Block until the background save (if any) is published (collective); the steps published."""
         if self.in_flight is not None:
             started = time.perf_counter()
             self._queue.maybe_finalize_async_calls(blocking=True)
             self.in_flight = None
             if self.rank == 0:
                 log.debug(f"waited {time.perf_counter() - started:.2f}s for the previous checkpoint")
+        return self._take_published()
+
+    def _take_published(self) -> list[int]:
+        published, self._published = self._published, []
+        return published
 
     def close(self) -> None:
         self.wait()
@@ -249,9 +272,10 @@ class CheckpointManager:
             except Exception as err:  # a failed publish must not kill training: the last good one stays
                 log.error(f"checkpoint step {step} was NOT published ({type(err).__name__}: {err}); "
                           f"the previous checkpoint stays the latest")
-        dist.barrier()  # nobody exits or saves again before the checkpoint is published
+        collectives.barrier()  # nobody exits or saves again before the checkpoint is published
         if self.rank != 0:
             self.last_saved_step = step
+        self._published.append(step)
 
     def _publish_on_rank0(self, step: int) -> None:
         partial = self.root / store.partial_dir_name(step)

@@ -156,13 +156,13 @@ def inspect_checkpoint(path: Path, checksums: bool = True) -> dict[str, Any]:
     return {
         "checkpoint": str(step_dir),
         "step": meta.get("step", store.parse_step(step_dir.name)),
-        "consumed_tokens": meta.get("consumed_tokens"),
-        "consumed_samples": meta.get("consumed_samples"),
+        "consumed_tokens": meta.get("parts", {}).get("trainer", {}).get("consumed_tokens"),
+        "consumed_samples": meta.get("parts", {}).get("trainer", {}).get("consumed_samples"),
         "saved_at": meta.get("saved_at"),
         "layout": meta.get("layout"),
         "engine": _engine(meta),
         "versions": meta.get("versions"),
-        "wandb_run_id": meta.get("wandb_run_id"),
+        "wandb_run_id": meta.get("parts", {}).get("callback.WandbLogger", {}).get("run_id"),
         "verified": {"ok": verdict.ok, "reason": verdict.reason, "checksums": checksums},
         "files": len(files),
         "total_bytes": sum(p.stat().st_size for p in files),
@@ -224,9 +224,7 @@ def _format_layout(layout: dict[str, Any] | None) -> str:
 
 
 def _engine(meta: dict[str, Any]) -> str:
-    parallel = meta.get("config", {}).get("parallel", {})
-    engine = parallel.get("engine", "?")
-    return f"deepspeed ZeRO-{parallel.get('zero_stage')}" if engine == "deepspeed" else engine
+    return meta.get("engine", {}).get("description") or meta.get("config", {}).get("parallel", {}).get("engine", "?")
 
 
 def _format_versions(versions: dict[str, str] | None) -> str:
@@ -329,7 +327,7 @@ def load_full_tensors(step_dir: Path, entries: list[TensorEntry]) -> dict[str, A
 def provenance(step_dir: Path, meta: dict[str, Any]) -> dict[str, str]:
     """String metadata stored in a safetensors header: where the tensors came from."""
     return {"format": "pt", "kiln_checkpoint": str(step_dir.resolve()), "kiln_step": str(meta.get("step", "")),
-            "kiln_consumed_tokens": str(meta.get("consumed_tokens", ""))}
+            "kiln_consumed_tokens": str(meta.get("parts", {}).get("trainer", {}).get("consumed_tokens", ""))}
 
 
 def save_tensors(tensors: dict[str, Any], path: Path, fmt: str, header: dict[str, str]) -> None:

@@ -7,62 +7,63 @@ from typing import Iterator
 
 import torch
 
-from kiln.config import RunConfig
+from kiln.config import DataConfig, ModelConfig, TrainConfig
 from kiln.errors import KilnDataError
 
 log = logging.getLogger("kiln")
 
 
-def training_source(config: RunConfig) -> str | list[dict] | None:
+def training_source(data: DataConfig) -> str | list[dict] | None:
     """data.path, or data.streams as plain dicts; None means the bundled corpus."""
-    if config.data.streams:
-        return [{"path": s.path, "proportion": s.proportion, "repeat": s.repeat} for s in config.data.streams]
-    return config.data.path
+    if data.streams:
+        return [{"path": s.path, "proportion": s.proportion, "repeat": s.repeat} for s in data.streams]
+    return data.path
 
 
-def check_data(config: RunConfig) -> int:
+def check_data(data: DataConfig, model: ModelConfig) -> int:
     """Fail fast, before any process starts: the tokenizer and every local dataset (training
     streams and validation) must be readable and agree with the model. Returns the vocab size."""
     from kiln.data.loader import dataset_seq_len
     from kiln.plan.dry_run import resolve_vocab_size
 
-    vocab_size = resolve_vocab_size(config)
-    source = training_source(config)
+    vocab_size = resolve_vocab_size(model, data)
+    source = training_source(data)
     paths = [source] if isinstance(source, str) else [s["path"] for s in source or []]
-    if config.data.val.path:
-        paths.append(config.data.val.path)
+    if data.val.path:
+        paths.append(data.val.path)
     for path in paths:
         if "://" in path:
             continue
         stored = dataset_seq_len(path)
-        if stored != config.model.seq_len:
+        if stored != model.seq_len:
             raise KilnDataError(
-                f"dataset {path} holds samples of {stored} tokens but model.seq_len is {config.model.seq_len}; "
-                f"set model.seq_len={stored} or prepare the data again with --seq-len {config.model.seq_len}"
+                f"dataset {path} holds samples of {stored} tokens but model.seq_len is {model.seq_len}; "
+                f"set model.seq_len={stored} or prepare the data again with --seq-len {model.seq_len}"
             )
     return vocab_size
 
 
-def build_batches(config: RunConfig, ctx) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
+def build_batches(data: DataConfig, train: TrainConfig, model: ModelConfig,
+                  ctx) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
     """Micro-batches for this rank (shared by its whole data-parallel replica), and the vocab size."""
     from kiln.data.bundled import ensure_bundled_dataset
     from kiln.data.loader import build_train_loader
 
-    vocab_size = check_data(config)
-    seq_len = config.model.seq_len
-    source = training_source(config) or ensure_bundled_dataset(seq_len)
+    vocab_size = check_data(data, model)
+    seq_len = model.seq_len
+    source = training_source(data) or ensure_bundled_dataset(seq_len)
     layout, coords = ctx.layout, ctx.coords
     loader = build_train_loader(
         source,
-        micro_batch_size=config.train.micro_batch_size,
-        seed=config.train.seed,
-        shuffle=config.data.shuffle,
+        micro_batch_size=train.micro_batch_size,
+        seed=train.seed,
+        shuffle=data.shuffle,
         dp_rank=coords["dp"],
         dp_size=layout.dp,
         replication=layout.replica_size,
-        num_workers=config.data.num_workers,
-        prefetch=config.data.prefetch,
-        global_batch_size=config.train.global_batch_size,
+        num_workers=data.num_workers,
+        prefetch=data.prefetch,
+        global_batch_size=train.global_batch_size,
     )
     if ctx.rank == 0:
         what = source if isinstance(source, str) else ", ".join(
@@ -72,18 +73,18 @@ def build_batches(config: RunConfig, ctx) -> tuple[Iterator[dict[str, torch.Tens
     return iter(loader), vocab_size
 
 
-def build_val_batches(config: RunConfig, ctx) -> list[dict[str, torch.Tensor]] | None:
+def build_val_batches(data: DataConfig, train: TrainConfig, ctx) -> list[dict[str, torch.Tensor]] | None:
     """This rank's validation micro-batches, read once and kept: every evaluation sees the same ones."""
     from kiln.data.loader import build_train_loader
 
-    val = config.data.val
+    val = data.val
     if not val.path:
         return None
     layout = ctx.layout
     loader = build_train_loader(
         val.path,
-        micro_batch_size=config.train.micro_batch_size,
-        seed=config.train.seed,
+        micro_batch_size=train.micro_batch_size,
+        seed=train.seed,
         shuffle=False,
         dp_rank=ctx.coords["dp"],
         dp_size=layout.dp,
@@ -91,6 +92,6 @@ def build_val_batches(config: RunConfig, ctx) -> list[dict[str, torch.Tensor]] |
     )
     batches = [next(loader) for _ in range(val.batches)]
     if ctx.rank == 0:
-        total = val.batches * config.train.micro_batch_size * layout.dp
+        total = val.batches * train.micro_batch_size * layout.dp
         log.info(f"validation: {val.path}, {total} samples per evaluation")
     return batches

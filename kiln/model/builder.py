@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from kiln.config import RunConfig
+from kiln.config import ModelConfig, ParallelConfig, TrainConfig
 from kiln.kernels.spec import select_layer_spec
 from kiln.model.init import init_weights
 from kiln.parallel.backend import ParallelContext
@@ -26,12 +26,11 @@ def _leave_uninitialised(tensor: torch.Tensor) -> None:
     pass
 
 
-def transformer_config(config: RunConfig, ctx: ParallelContext):
+def transformer_config(m: ModelConfig, parallel: ParallelConfig, precision: str, ctx: ParallelContext):
     """megatron-core TransformerConfig for the run: RMSNorm, SwiGLU, no biases, no dropout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    m, layout = config.model, ctx.layout
-    precision = config.train.precision
+    layout = ctx.layout
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -52,7 +51,7 @@ def transformer_config(config: RunConfig, ctx: ParallelContext):
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.virtual_pp,
         context_parallel_size=layout.cp,
-        sequence_parallel=config.parallel.sequence_parallel,
+        sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=precision == "bf16",
@@ -75,26 +74,28 @@ def transformer_config(config: RunConfig, ctx: ParallelContext):
     )
 
 
-def build_model(config: RunConfig, ctx: ParallelContext, vocab_size: int, tconfig) -> list[torch.nn.Module]:
+def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, ctx: ParallelContext,
+                vocab_size: int) -> list[torch.nn.Module]:
     """This rank's model chunks, on its device, with weights initialised from train.seed."""
     from megatron.core.models.gpt import GPTModel
 
+    tconfig = transformer_config(model_config, parallel, train.precision, ctx)
     spec = select_layer_spec(ctx.device.type)
     layout, coords = ctx.layout, ctx.coords
     chunks = layout.virtual_pp or 1
-    padded = padded_vocab_size(vocab_size, config.model, layout.tp)
+    padded = padded_vocab_size(vocab_size, model_config, layout.tp)
     models = []
     for vp_stage in range(chunks):
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=spec,
             vocab_size=padded,
-            max_sequence_length=config.model.seq_len,
+            max_sequence_length=model_config.seq_len,
             pre_process=coords["pp"] == 0 and vp_stage == 0,
             post_process=coords["pp"] == layout.pp - 1 and vp_stage == chunks - 1,
-            share_embeddings_and_output_weights=config.model.tie_embeddings,
+            share_embeddings_and_output_weights=model_config.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(config.model.rope_theta),
+            rotary_base=int(model_config.rope_theta),
             pg_collection=ctx.pg_collection,
             vp_stage=vp_stage if layout.virtual_pp else None,
         )
@@ -102,10 +103,10 @@ def build_model(config: RunConfig, ctx: ParallelContext, vocab_size: int, tconfi
         # spec's torch norms otherwise stay fp32, which the bf16 optimizer's checkpoint
         # mapping (fp32 master copies of bf16 params only) does not expect.
         model.to(device=ctx.device, dtype=tconfig.params_dtype)
-        init_weights(model, config.model, ctx, seed=config.train.seed)
+        init_weights(model, model_config, ctx, seed=train.seed)
         models.append(model)
     if ctx.rank == 0:
-        total = count_parameters(config.model, vocab_size, tp=layout.tp)
+        total = count_parameters(model_config, vocab_size, tp=layout.tp)
         log.info(f"model: {human_exact(total.total)} parameters, {len(models)} chunk(s) per rank, "
-                 f"{config.train.precision}")
+                 f"{train.precision}")
     return models

@@ -10,11 +10,11 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from kiln.config import RunConfig
 from kiln.errors import KilnEnvironmentError
 from kiln.parallel.layout import MEGATRON_ORDER, ParallelLayout
 
@@ -48,9 +48,12 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def init_parallel(config: RunConfig) -> ParallelContext:
-    """Join (or create) the process group, build megatron-core's groups, seed every RNG."""
-    device_type = resolve_device(config.train.device)
+def init_parallel(device: str, seed: int, layout_for: Callable[[int], ParallelLayout]) -> ParallelContext:
+    """Join (or create) the process group, build megatron-core's groups, seed every RNG.
+
+    ``device`` is train.device; ``layout_for(world_size)`` validates the layout on the world found.
+    """
+    device_type = resolve_device(device)
     if device_type == "cpu":
         from kiln.parallel import cpu_emulation
 
@@ -65,7 +68,7 @@ def init_parallel(config: RunConfig) -> ParallelContext:
     if not dist.is_initialized():
         _init_default_group(device_type)
     rank, world = dist.get_rank(), dist.get_world_size()
-    layout = ParallelLayout.from_config(config, world)
+    layout = layout_for(world)
 
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -79,8 +82,8 @@ def init_parallel(config: RunConfig) -> ParallelContext:
         order=MEGATRON_ORDER,
     )
     pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-    model_parallel_cuda_manual_seed(config.train.seed)
-    _seed_everything(config.train.seed, layout.coords(rank))
+    model_parallel_cuda_manual_seed(seed)
+    _seed_everything(seed, layout.coords(rank))
     ctx = ParallelContext(layout=layout, rank=rank, local_rank=local_rank, device=device, pg_collection=pg_collection)
     log.debug("rank %d coords %s on %s", rank, ctx.coords, device)
     return ctx

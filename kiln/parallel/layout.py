@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from megatron.core.parallel_state import RankGenerator
 
-from kiln.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from kiln.config import ModelConfig, ParallelConfig, TrainConfig
 from kiln.errors import KilnConfigError
 
 MEGATRON_ORDER = "tp-cp-ep-pp-dp"
@@ -32,9 +32,8 @@ class ParallelLayout:
     virtual_pp: int | None = None
 
     @classmethod
-    def from_config(cls, config: RunConfig, world_size: int) -> "ParallelLayout":
-        """Build and validate the layout of ``config`` on ``world_size`` ranks."""
-        p = config.parallel
+    def build(cls, p: ParallelConfig, model: ModelConfig, train: TrainConfig, world_size: int) -> "ParallelLayout":
+        """Build and validate the layout of these settings on ``world_size`` ranks."""
         layout = cls(
             world_size=world_size,
             tp=p.tp,
@@ -43,8 +42,8 @@ class ParallelLayout:
             dp=_derive_dp(p, world_size),
             virtual_pp=p.virtual_pp if p.virtual_pp and p.virtual_pp > 1 else None,
         )
-        layout._validate_model(config.model)
-        layout._validate_batch(config.train)
+        layout._validate_model(model)
+        layout._validate_batch(train)
         return layout
 
     # -- validation ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from kiln.config import RunConfig
+from kiln.config import DataConfig, ModelConfig, RunConfig
 from kiln.errors import KilnConfigError
 from kiln.parallel.layout import ParallelLayout
 from kiln.plan.params import count_parameters, human, human_exact
@@ -19,15 +19,15 @@ from kiln.plan.params import count_parameters, human, human_exact
 logger = logging.getLogger(__name__)
 
 
-def resolve_vocab_size(config: RunConfig) -> int:
+def resolve_vocab_size(model: ModelConfig, data: DataConfig) -> int:
     """``model.vocab_size``, or else the vocabulary size of the run's tokenizer."""
-    if config.model.vocab_size is not None:
-        return config.model.vocab_size
+    if model.vocab_size is not None:
+        return model.vocab_size
     # Imported here: the tokenizer module pulls in Hugging Face tokenizers, which a dry run of
     # a preset (vocab_size set) never needs.
     from kiln.data.tokenizer import bundled_tokenizer_path, load_tokenizer
 
-    path = config.data.tokenizer or bundled_tokenizer_path()
+    path = data.tokenizer or bundled_tokenizer_path()
     try:
         return load_tokenizer(path).vocab_size
     except KilnConfigError:
@@ -45,20 +45,18 @@ def dry_run_report(config: RunConfig, world_size: int, vocab_size: int | None = 
     ``vocab_size`` overrides the config's (and saves reading the tokenizer); when None it is
     ``model.vocab_size``, or the tokenizer's.
     """
-    layout = ParallelLayout.from_config(config, world_size)
+    layout = config.layout(world_size)
     model, train, p = config.model, config.train, config.parallel
-    vocab = vocab_size if vocab_size is not None else resolve_vocab_size(config)
+    vocab = vocab_size if vocab_size is not None else resolve_vocab_size(config.model, config.data)
     params = count_parameters(model, vocab, tp=layout.tp)
 
     lines = [f"kiln dry run: {config.name} on {world_size} ranks (no process group created, no model built)", ""]
 
     lines.append("layout")
     lines += ["  " + line for line in layout.describe().splitlines()]
-    engine = p.engine
-    if engine == "deepspeed":
-        offload = [f"{what} → {where}" for what, where in (("optimizer", p.offload_optimizer), ("params", p.offload_params))
-                   if where != "none"]
-        engine += f" (ZeRO-{p.zero_stage}{', offload ' + ', '.join(offload) if offload else ''})"
+    from kiln.engine import engine_class
+
+    engine = engine_class(p.engine).describe(p)
     lines.append(
         f"  engine {engine}, precision {train.precision}, device {train.device}, "
         f"sequence parallel {_yes(p.sequence_parallel)}, distributed optimizer {_yes(config.optim.distributed_optimizer)}"

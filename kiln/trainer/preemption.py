@@ -18,7 +18,8 @@ import signal
 import threading
 
 import torch
-import torch.distributed as dist
+
+from kiln.parallel import collectives
 
 log = logging.getLogger("kiln")
 
@@ -55,9 +56,8 @@ class PreemptionWatcher:
 
     def requested(self) -> int | None:
         """The stop signal if any rank received one, else None (collective, one tiny all-reduce)."""
-        flag = torch.tensor([self.received or 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item()) or None
+        (flag,) = collectives.reduce_floats([self.received or 0], self.device, op="max")
+        signum = int(flag) or None
         if signum is not None and self._watchdog is not None:
             self._watchdog.cancel()  # every rank is alive and at the boundary: the save may take its time
         return signum

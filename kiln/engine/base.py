@@ -1,0 +1,146 @@
+"""The engine interface: what the trainer, the checkpoint manager and the CLI may ask of an engine.
+
+An engine owns everything between "here are this step's micro-batches" and "the weights
+moved": wrapping the model parts (megatron-core DDP, DeepSpeed, torch FSDP2), the optimizer,
+the LR schedule, forward/backward (pipeline schedules where there are pipelines), gradient
+clipping, evaluation, its per-rank memory report, and its share of a checkpoint. Nothing
+outside ``kiln/engine/`` asks which engine runs.
+
+A step is two calls, so that callbacks can look at the loss before the weights move (a
+loss-spike guard skips the update there): :meth:`Engine.forward_backward` accumulates this
+step's gradients and returns the loss; :meth:`Engine.optimizer_step` applies them, or with
+``skip=True`` drops them and leaves weights, optimizer state and LR schedule untouched.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kiln.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from kiln.errors import KilnCheckpointError
+
+
+@dataclass
+class StepResult:
+    """One optimizer step as this rank saw it."""
+
+    loss: float | None
+    """This rank's mean micro-batch loss; None where no loss is computed (pipeline stages before the last)."""
+    grad_norm: float = float("nan")
+    """Global gradient norm before clipping (the same on every rank); nan when the step was skipped."""
+    skipped: bool = False
+    """The update was not applied (asked by a callback, or an fp16 overflow)."""
+    loss_scale: float | None = None
+    """The dynamic loss scale, where the engine has one (fp16)."""
+
+
+@dataclass(frozen=True)
+class SavedEngine:
+    """What a checkpoint says about the engine that wrote it (read from its kiln.json)."""
+
+    name: str
+    checkpoint_format: str
+    state: dict[str, Any]
+    """The writing engine's :meth:`Engine.state_dict`."""
+    step: int
+    """The trainer step the checkpoint was taken at."""
+    tensor_keys: frozenset[str] = frozenset()
+    """The names of the tensors it holds (from its DCP metadata)."""
+
+
+class Engine(abc.ABC):
+    """One rank's training engine. Subclasses register in :mod:`kiln.engine` by ``name``."""
+
+    name: ClassVar[str]
+    checkpoint_format: ClassVar[str]
+    """Engines that write the same format load each other's checkpoints."""
+    reads_formats: ClassVar[tuple[str, ...]] = ()
+    """Other engines' formats this one can also load."""
+    options_section: ClassVar[str | None] = None
+    """A top-level run-config section of extra settings for this engine only (e.g. ``deepspeed:``)."""
+
+    def __init__(self, *, model: ModelConfig, optim: OptimConfig, parallel: ParallelConfig, train: TrainConfig,
+                 ctx) -> None:
+        self.model_config, self.optim_config, self.parallel_config, self.train_config = model, optim, parallel, train
+        self.ctx = ctx
+
+    # -- configuration (class level: called before anything is built) --------------------
+    @classmethod
+    def validate(cls, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig) -> None:
+        """Raise KilnConfigError for settings this engine cannot run, naming what to use instead."""
+
+    @classmethod
+    def check_environment(cls, parallel: ParallelConfig, train: TrainConfig, device_type: str) -> None:
+        """Raise KilnEnvironmentError for what this machine cannot do with these settings."""
+
+    @classmethod
+    def describe(cls, parallel: ParallelConfig) -> str:
+        """A few words for the dry run and the start-up log."""
+        return cls.name
+
+    # -- training ----------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def model_parts(self) -> list[torch.nn.Module]:
+        """The megatron-core model chunks this rank holds, unwrapped (for export and inspection)."""
+
+    @abc.abstractmethod
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """Accumulate the gradients of one global batch's share on this rank; returns its loss."""
+
+    @abc.abstractmethod
+    def optimizer_step(self, result: StepResult, *, skip: bool = False) -> StepResult:
+        """Clip, step the optimizer and the LR schedule, zero the gradients; or drop them if ``skip``."""
+
+    @abc.abstractmethod
+    def eval_losses(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        """Forward-only mean loss of each micro-batch (empty where no loss is computed)."""
+
+    @property
+    @abc.abstractmethod
+    def lr(self) -> float:
+        """The learning rate of the step that was applied last."""
+
+    @abc.abstractmethod
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer states this rank holds (for the start-up report)."""
+
+    # -- checkpoint state ----------------------------------------------------------------
+    @abc.abstractmethod
+    def sharded_state_dict(self, *, is_loading: bool, saved: SavedEngine | None = None) -> dict[str, Any]:
+        """Model and optimizer as megatron-core sharded state (global keys; any layout loads it).
+
+        When loading, ``saved`` describes the checkpoint, so the request can match what it holds.
+        """
+
+    @abc.abstractmethod
+    def load_sharded_state_dict(self, loaded: dict[str, Any], saved: SavedEngine) -> None:
+        """Put a loaded :meth:`sharded_state_dict` into the live model and optimizer."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Small JSON-able state kept in kiln.json: the LR schedule's position, the optimizer step."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+    def check_can_load(self, saved: SavedEngine, where) -> None:
+        """Refuse, naming why and what to do, a checkpoint whose state this engine cannot read."""
+        if saved.checkpoint_format == self.checkpoint_format or saved.checkpoint_format in self.reads_formats:
+            return
+        from kiln.engine import engines_reading
+
+        readers = engines_reading(saved.checkpoint_format)
+        raise KilnCheckpointError(
+            f"checkpoint {where} was saved by the {saved.name} engine, whose optimizer state is in the "
+            f"'{saved.checkpoint_format}' format; the {self.name} engine cannot read it. Resume with "
+            + " or ".join(f"parallel.engine={name}" for name in readers)
+            + " (or start from new weights with --no-resume and a new train.run_dir)")
+
+    def close(self) -> None:
+        """Release what the engine holds outside Python's reach (background threads, buffers)."""

@@ -1,0 +1,61 @@
+"""kiln's own collectives: the one place outside megatron-core, DeepSpeed and torch FSDP that
+talks to ``torch.distributed``.
+
+Every statistic kiln reduces (losses, evaluation, data wait, the preemption flag) is built
+here on the run's device. That matters on GPUs: NCCL only reduces CUDA tensors, so a CPU
+tensor that gloo happily sums fails there at the first logged step ("No backend type
+associated with device type cpu"). Object collectives (pickled Python values) and barriers
+go through here too, so a test can hold every other module to "no direct collectives".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def reduce_floats(values: Sequence[float], device: torch.device, op: str = "sum", group=None) -> list[float]:
+    """Element-wise ``op`` of ``values`` over ``group`` (default: the world), on ``device``."""
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=_OPS[op], group=group)
+    return tensor.tolist()
+
+
+def mean_over_holders(value: float | None, device: torch.device, group=None) -> float:
+    """The mean of ``value`` over the ranks that have one (the others pass None).
+
+    With pipelines only the last stage has a loss; every last-stage rank of a replica holds
+    the same (tp, cp) value, so the mean over holders is the mean over data-parallel replicas.
+    """
+    total, holders = reduce_floats([value or 0.0, 0.0 if value is None else 1.0], device, group=group)
+    return total / holders if holders else float("nan")
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
