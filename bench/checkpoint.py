@@ -1,8 +1,8 @@
 """How long a checkpoint save blocks training (async vs sync), and save/load throughput.
 
 Builds a trainer exactly as ``kiln train`` does (kiln.train.run: init_parallel, build_batches,
-transformer_config, build_model, wrap_ddp, build_optimizer, finalize_grads_hook,
-build_scheduler, Trainer with a CheckpointManager; bundled dataset, W&B disabled, a temp dir),
+build_run_engine (the engine parallel.engine names; megatron by default), Trainer with a
+CheckpointManager; bundled dataset, W&B disabled, a temp dir),
 then runs kiln's own loop (``Trainer.train``) once per variant and round with
 ``checkpoint.every=K``, alternating the variant order between rounds so drift in machine load
 hits both alike. Every manager call, and the megatron pieces inside it, is timed in place.
@@ -54,7 +54,7 @@ thread is fixed overhead, not bytes:
   validate_sharding_integrity (~5 ms);
 * the publishing poll ~15-30 ms: DCP .metadata, kiln's manifest/rename/latest, and retention's
   rmtree of the oldest checkpoint (~17 ms on the saves that delete one);
-* kiln's sharded_state + kiln.json (~8 ms).
+* kiln's sharded state (the engine's sharded_state_dict + the RNG object) + kiln.json (~8 ms).
 
 The candidate fixes (cached plan, no re-validation, clone in the writer, plus background
 retention) cut the mean by ~25-35 ms (ratio 0.09-0.14 across runs); what is left is mostly the
@@ -193,6 +193,7 @@ class Fixes:
 
     def __init__(self, enabled: list[str]) -> None:
         self.enabled = set(enabled)
+        self.dp_cp_group = None  # the run's data(+context)-parallel group, set once the run's groups exist
         self.active = False
         self.strategy = None
         self.saves = 0
@@ -207,14 +208,12 @@ class Fixes:
         if not self.on("cache"):
             return {}
         if self.strategy is None:
-            import torch.distributed as dist
-            from megatron.core import parallel_state
             from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
             from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
             self.strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
-            group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-            if dist.get_world_size(group) > 1:
+            group = self.dp_cp_group
+            if group.size() > 1:
                 self.strategy = FullyParallelSaveStrategyWrapper(self.strategy, group, do_cache_distribution=True)
         self.saves += 1
         return {"sharded_strategy": self.strategy, "validate_access_integrity": self.saves == 1}
@@ -275,7 +274,7 @@ def install_fixes(fixes: Fixes) -> None:
     Writer.write_preloaded_data = staticmethod(write_preloaded_data)
 
 
-def instrument(rec: Recorder, fixes: Fixes, writer_log: Path) -> None:
+def instrument(rec: Recorder, fixes: Fixes, writer_log: Path, engine_cls) -> None:
     """Monkeypatch timers around the manager's calls and the megatron pieces they run."""
     import megatron.core.dist_checkpointing as dcp
     from megatron.core.dist_checkpointing import serialization, state_dict_utils
@@ -303,7 +302,9 @@ def instrument(rec: Recorder, fixes: Fixes, writer_log: Path) -> None:
     rec.wrap(Manager, "_publish", "publish (manifest, rename, latest, retention)")
     rec.wrap(ckpt_state, "kiln_metadata", "kiln.json (metadata)")
     rec.wrap(ckpt_state, "write_metadata", "kiln.json (metadata)")
-    rec.wrap(ckpt_state, "sharded_state", "sharded_state (kiln)")
+    # The sharded state a save hands to dist_checkpointing: the engine's model + optimizer, and the RNG object.
+    rec.wrap(engine_cls, "sharded_state_dict", "sharded_state (kiln)")
+    rec.wrap(ckpt_state, "rng_sharded_object", "sharded_state (kiln)")
     rec.wrap(store, "describe_files", "crc32 + sizes")
     rec.wrap(store, "delete_checkpoint", "retention delete")
 
@@ -349,28 +350,37 @@ def instrument(rec: Recorder, fixes: Fixes, writer_log: Path) -> None:
 
 
 def build(config, ctx, checkpointer=None):
-    """Trainer, built like kiln.train.run does."""
+    """Trainer, built like kiln.train.run does (no callbacks, no preemption watcher)."""
     from kiln.data.setup import build_batches, build_val_batches
-    from kiln.model.builder import build_model, transformer_config
     from kiln.plan.flops import flops_per_token, peak_flops
+    from kiln.train import build_run_engine
     from kiln.trainer.loop import Trainer
-    from kiln.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
-    from kiln.trainer.setup import finalize_grads_hook
 
-    batches, vocab_size = build_batches(config, ctx)
-    tconfig = transformer_config(config, ctx)
-    models = wrap_ddp(config, build_model(config, ctx, vocab_size, tconfig), tconfig, ctx)
-    optimizer = build_optimizer(config, models)
-    finalize_grads_hook(tconfig, optimizer)
-    trainer = Trainer(config, ctx, models, optimizer, build_scheduler(config, optimizer), batches, callbacks=[],
-                      flops_per_token=flops_per_token(config.model, vocab_size), peak_flops=peak_flops(ctx.device),
-                      checkpointer=checkpointer, val_batches=build_val_batches(config, ctx))
+    batches, vocab_size = build_batches(config.data, config.train, config.model, ctx)
+    engine = build_run_engine(config, ctx, vocab_size)
+    trainer = Trainer(train=config.train, data=config.data, seq_len=config.model.seq_len, ctx=ctx, engine=engine,
+                      batches=batches, callbacks=[], checkpoint_every=config.checkpoint.every,
+                      checkpointer=checkpointer, val_batches=build_val_batches(config.data, config.train, ctx),
+                      flops_per_token=flops_per_token(config.model, vocab_size), peak_flops=peak_flops(ctx.device))
     return trainer, vocab_size
 
 
+def close_trainer(trainer) -> None:
+    """What kiln.train.run closes after a run (the checkpoint manager is closed by its owner)."""
+    trainer.close()
+    trainer.batches.close()
+    trainer.engine.close()
+
+
+def manager_for(config, ctx, base: Path):
+    from kiln.checkpoint.manager import CheckpointManager
+
+    return CheckpointManager(config.checkpoint, ctx, base, config.model, config.to_dict())
+
+
 def snapshot(trainer) -> dict:
-    return {f"{i}.{k}": v.detach().to("cpu", copy=True) for i, m in enumerate(trainer.models)
-            for k, v in m.module.state_dict().items() if hasattr(v, "detach")}
+    return {f"{i}.{k}": v.detach().to("cpu", copy=True) for i, m in enumerate(trainer.engine.model_parts)
+            for k, v in m.state_dict().items() if hasattr(v, "detach")}
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -393,26 +403,24 @@ def evict_page_cache(directory: Path) -> None:
 def run_variant(trainer, config, ctx, base: Path, name: str, round_index: int, steps: int, rec: Recorder,
                 fixes: Fixes):
     """One training run of `steps` steps with its own CheckpointManager; returns its root."""
-    import torch.distributed as dist
-
-    from kiln.checkpoint.manager import CheckpointManager
+    from kiln.parallel import collectives
 
     run_config = copy.deepcopy(config)
     run_config.checkpoint.async_save = name != "sync"
     root = base / f"{name}-r{round_index}"
     run_config.checkpoint.dir = str(root)
-    manager = CheckpointManager(run_config, ctx, base)
+    manager = manager_for(run_config, ctx, base)
     manager.prepare()
     fixes.reset(name == "async+fixes")
     rec.run = f"{name}/r{round_index}"
     trainer.checkpointer = manager
-    trainer.config.train.max_steps = trainer.step + steps
+    trainer.train_config.max_steps = trainer.state.step + steps
     try:
         trainer.train()
     finally:
         manager.close()
         fixes.reset(False)
-    dist.barrier()
+    collectives.barrier()
     return root
 
 
@@ -542,9 +550,10 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")  # DCP via megatron, every save
 
     import torch
-    import torch.distributed as dist
 
     from kiln.config import config_from_dict
+    from kiln.engine import engine_class
+    from kiln.parallel import collectives
     from kiln.parallel.backend import destroy_parallel, init_parallel
 
     preset = dict(PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")])
@@ -559,26 +568,26 @@ def main() -> None:
         f"train.precision={preset['precision']}", f"train.device={preset['device']}", "train.log_every=1000000",
         "optim.warmup_steps=0", "optim.schedule=constant", "logging.wandb=disabled",
         f"checkpoint.every={args.save_every}"])
-    ctx = init_parallel(config)
+    ctx = init_parallel(config.train.device, config.train.seed, config.layout)
     setup_logging(ctx.rank)
     if not args.verbose:
         logging.getLogger("kiln").setLevel(logging.WARNING)
     if ctx.rank == 0 and args.dir:
         os.makedirs(args.dir, exist_ok=True)
-    chosen = [tempfile.mkdtemp(prefix="kiln-bench-ckpt-", dir=args.dir) if ctx.rank == 0 else None]
-    dist.broadcast_object_list(chosen, src=0)
-    base = Path(chosen[0])
+    base = Path(collectives.broadcast_object(
+        tempfile.mkdtemp(prefix="kiln-bench-ckpt-", dir=args.dir) if ctx.rank == 0 else None))
     writer_log = base / "writer-times"
     if ctx.rank == 0:
         writer_log.mkdir(parents=True, exist_ok=True)
     config.train.run_dir = str(base)
-    dist.barrier()
+    collectives.barrier()
 
     rec, fixes = Recorder(), Fixes(fix_names)
+    fixes.dp_cp_group = ctx.pg_collection.dp_cp
     install_fixes(fixes)
-    instrument(rec, fixes, writer_log)
+    instrument(rec, fixes, writer_log, engine_class(config.parallel.engine))
     trainer, vocab_size = build(config, ctx)
-    n_params = sum(p.numel() for m in trainer.models for p in m.parameters())
+    n_params = sum(p.numel() for m in trainer.engine.model_parts for p in m.parameters())
 
     # Per-step record: train-step time, checkpoint work after it, and overlap with a background write.
     train_step, after_step = trainer.train_step, trainer._checkpoint_after_step
@@ -588,7 +597,7 @@ def main() -> None:
         out = train_step()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        rec.steps.append({"run": rec.run, "step": trainer.step + 1, "t0": t0, "t1": time.monotonic(),
+        rec.steps.append({"run": rec.run, "step": trainer.state.step + 1, "t0": t0, "t1": time.monotonic(),
                           "train": time.monotonic() - t0, "overlap": trainer.checkpointer.in_flight is not None})
         return out
 
@@ -631,12 +640,11 @@ def main() -> None:
 
     # Load: a fresh trainer, the last sync run's final checkpoint (and async+fixes', for correctness).
     from kiln.checkpoint import store
-    from kiln.checkpoint.manager import CheckpointManager
 
     def load_from(root: Path, label: str) -> dict:
         load_config = copy.deepcopy(config)
         load_config.checkpoint.dir = str(root)
-        manager = CheckpointManager(load_config, ctx, base)
+        manager = manager_for(load_config, ctx, base)
         fresh, _ = build(load_config, ctx, manager)
         t0 = time.monotonic()
         path = manager.find_resume_point()
@@ -645,15 +653,16 @@ def main() -> None:
         nbytes = sum(f["size"] for f in manifest["files"].values())
         if ctx.rank == 0:
             evict_page_cache(path)
-        dist.barrier()
+        collectives.barrier()
         t0 = time.monotonic()
-        manager.load(path, fresh)
+        manager.load(path, fresh.engine, fresh.checkpoint_parts())
         cold_s = time.monotonic() - t0
         t0 = time.monotonic()
-        manager.load(path, fresh)
+        manager.load(path, fresh.engine, fresh.checkpoint_parts())
         warm_s = time.monotonic() - t0
         ok = same_weights(snapshot(fresh), weights_at_end[label])
         manager.close()
+        close_trainer(fresh)
         return {"path": str(path), "bytes": nbytes, "files": len(manifest["files"]), "verify_s": verify_s,
                 "load_cold_s": cold_s, "load_warm_s": warm_s, "weights_match": ok}
 
@@ -726,8 +735,8 @@ def main() -> None:
                    "fixes": fix_names, "fixes_load": fixes_load,
                    "steps": [{k: v for k, v in st.items() if k not in ("t0", "t1")} for st in rec.steps]}
             Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    trainer.close()
-    dist.barrier()
+    close_trainer(trainer)
+    collectives.barrier()
     if ctx.rank == 0 and not args.dir:
         shutil.rmtree(base, ignore_errors=True)
     destroy_parallel()

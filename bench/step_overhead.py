@@ -50,17 +50,16 @@ def main() -> None:
     args = parser.parse_args()
     quiet_third_party()
 
-    from kiln.model.builder import build_model, transformer_config
+    from kiln.model.builder import build_model
     from kiln.parallel.backend import init_parallel
     from kiln.plan.flops import flops_per_token, peak_flops
+    from kiln.train import build_run_engine
     from kiln.trainer.loop import Trainer
-    from kiln.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
-    from kiln.trainer.setup import finalize_grads_hook
 
     config = config_from_dict({"name": "bench"}, [*PRESETS[args.preset], f"model.vocab_size={VOCAB}",
                                                   "optim.warmup_steps=0", "optim.schedule=constant",
                                                   "optim.grad_clip=0", "logging.wandb=disabled"])
-    ctx = init_parallel(config)
+    ctx = init_parallel(config.train.device, config.train.seed, config.layout)
     setup_logging(ctx.rank)
     device, mb, seq = ctx.device, config.train.micro_batch_size, config.model.seq_len
     generator = torch.Generator().manual_seed(0)
@@ -71,14 +70,11 @@ def main() -> None:
             yield from batches
 
     # kiln's loop: exactly what `kiln train` runs per step.
-    tconfig = transformer_config(config, ctx)
-    models = wrap_ddp(config, build_model(config, ctx, VOCAB, tconfig), tconfig, ctx)
-    optimizer = build_optimizer(config, models)
-    finalize_grads_hook(tconfig, optimizer)
-    trainer = Trainer(config, ctx, models, optimizer, build_scheduler(config, optimizer), cycle(), [])
+    trainer = Trainer(train=config.train, data=config.data, seq_len=seq, ctx=ctx,
+                      engine=build_run_engine(config, ctx, VOCAB), batches=cycle(), callbacks=[])
 
     # Plain PyTorch: the same model class and weights, forward → backward → AdamW.
-    plain = build_model(config, ctx, VOCAB, transformer_config(config, ctx))[0]
+    plain = build_model(config.model, config.parallel, config.train, ctx, VOCAB)[0]
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=config.optim.lr, betas=(0.9, 0.95), weight_decay=0.1)
     positions = torch.arange(seq, device=device).unsqueeze(0).expand(mb, seq)
     plain_batches = cycle()

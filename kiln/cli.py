@@ -77,10 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         # A broken layout, tokenizer or dataset stops here, before any process starts.
         nodes = int(str(args.nnodes or 1).split(":")[-1])
         config.layout(args.nproc_per_node * nodes)
-        engine_class(config.parallel.engine).check_environment(config.parallel, config.train,
-                                                               resolve_device(config.train.device))
+        engine = engine_class(config.parallel.engine)
+        engine.check_environment(config.parallel, config.train, resolve_device(config.train.device))
         check_data(config.data, config.model)
-        check_resume_settings(config.checkpoint, config.train.run_dir)
+        check_resume_settings(config.checkpoint, config.train.run_dir, engine)
         if not config.train.run_dir:  # fixed here so every restart of the workers finds the same run
             from kiln.train import default_run_dir
 

@@ -25,6 +25,17 @@ def default_run_dir(config: RunConfig) -> str:
     return f"runs/{config.name}-{run_id}"
 
 
+def build_run_engine(config: RunConfig, ctx, vocab_size: int):
+    """This rank's model parts, wrapped in the configured engine: the one place an engine is assembled."""
+    from kiln.engine import build_engine
+    from kiln.model.builder import build_model
+
+    options = config.engine_options()
+    return build_engine(config.parallel.engine, build_model(config.model, config.parallel, config.train, ctx, vocab_size),
+                        model=config.model, optim=config.optim, parallel=config.parallel, train=config.train, ctx=ctx,
+                        **({"options": options} if options else {}))
+
+
 def report_state_bytes(engine, ctx, run_dir: Path) -> None:
     """Every rank's parameter, gradient and optimizer-state bytes: logged by rank 0 and written to
     <run_dir>/state_bytes.json (collective)."""
@@ -47,8 +58,7 @@ def run(config: RunConfig) -> list[dict]:
     """
     from kiln.checkpoint.manager import CheckpointManager
     from kiln.data.setup import build_batches, build_val_batches
-    from kiln.engine import build_engine, engine_class
-    from kiln.model.builder import build_model
+    from kiln.engine import engine_class
     from kiln.parallel import collectives
     from kiln.parallel.backend import destroy_parallel, init_parallel, resolve_device
     from kiln.plan.flops import flops_per_token, peak_flops
@@ -74,10 +84,7 @@ def run(config: RunConfig) -> list[dict]:
     trainer = batches = engine = None
     try:
         batches, vocab_size = build_batches(config.data, config.train, config.model, ctx)
-        engine = build_engine(config.parallel.engine, build_model(config.model, config.parallel, config.train, ctx,
-                                                                  vocab_size),
-                              model=config.model, optim=config.optim, parallel=config.parallel, train=config.train,
-                              ctx=ctx, **({"options": config.engine_options()} if config.engine_options() else {}))
+        engine = build_run_engine(config, ctx, vocab_size)
         report_state_bytes(engine, ctx, run_dir)
         trainer = Trainer(
             train=config.train, data=config.data, seq_len=config.model.seq_len, ctx=ctx, engine=engine,

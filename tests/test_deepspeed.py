@@ -14,7 +14,7 @@ import pytest
 
 from kiln.config import config_from_dict
 from kiln.errors import KilnConfigError
-from kiln.parallel.deepspeed_engine import deepspeed_config
+from kiln.engine.deepspeed import deepspeed_config
 from tests.kiln_run import PARITY_SETTINGS, kiln, read_metrics, train
 
 STEPS = 8
@@ -74,7 +74,7 @@ def test_generated_deepspeed_config_follows_kiln_config() -> None:
                                    "train.precision=fp16", "optim.grad_clip=0.5", "parallel.offload_optimizer=cpu",
                                    "parallel.offload_params=nvme", "parallel.nvme_path=/local/nvme",
                                    "deepspeed={zero_optimization: {reduce_bucket_size: 1000}, flops_profiler: {enabled: true}}"])
-    ds = deepspeed_config(config, dp_size=4, cuda=True)
+    ds = deepspeed_config(config.parallel, config.optim, config.train, config.deepspeed, dp_size=4, cuda=True)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 2)
     assert ds["gradient_clipping"] == 0.5
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]  # dynamic scaling
@@ -113,7 +113,7 @@ def test_pipeline_with_deepspeed_stops_before_launch(tmp_path) -> None:
 def test_checkpoint_writers_balance_bytes_over_dp_ranks() -> None:
     import torch
 
-    from kiln.checkpoint.deepspeed_state import writers
+    from kiln.engine.portable_state import writers
 
     shapes = {"embedding": torch.Size([100]), "fc1": torch.Size([60]), "fc2": torch.Size([50]), "norm": torch.Size([10])}
     owner = writers(shapes, dp=2)

@@ -28,6 +28,7 @@ def test_tp2_on_two_gpus_matches_one(tmp_path):
               "train.micro_batch_size=4", "train.global_batch_size=8", "logging.wandb=disabled")
     one = train(tmp_path / "one", 1, *common, cache_dir=tmp_path / "cache")
     two = train(tmp_path / "two", 2, *common, "parallel.tp=2", cache_dir=tmp_path / "cache")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 5]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)  # TF32/kernel choice differ across layouts
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kiln.config import config_from_dict
-from kiln.trainer.optim import build_scheduler
+from kiln.engine.schedule import build_lr_scheduler
 from tests.kiln_run import REPO
 
 
@@ -22,7 +22,7 @@ class _Groups:
 def _lrs(*overrides: str) -> list[float]:
     config = config_from_dict({}, ["optim.lr=1.0", "optim.min_lr=0.1", "train.max_steps=10", *overrides])
     optimizer = _Groups()
-    scheduler = build_scheduler(config, optimizer)
+    scheduler = build_lr_scheduler(config.optim, config.train.max_steps, optimizer)
     lrs = []
     for _ in range(config.train.max_steps):
         scheduler.step(increment=1)  # as the trainer does before each optimizer step
@@ -57,16 +57,12 @@ from kiln.config import config_from_dict
 from kiln.log import quiet_third_party
 quiet_third_party()
 from kiln.parallel.backend import init_parallel
-from kiln.model.builder import build_model, transformer_config
-from kiln.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
+from kiln.train import build_run_engine
 config = config_from_dict({}, ["model.vocab_size=256", "train.precision=fp32", "train.device=cpu"])
-ctx = init_parallel(config)
-tconfig = transformer_config(config, ctx)
-models = wrap_ddp(config, build_model(config, ctx, 256, tconfig), tconfig, ctx)
-optimizer = build_optimizer(config, models)
-build_scheduler(config, optimizer)  # the scheduler applies each group's weight decay
-names = {id(p): n for n, p in models[0].named_parameters()}
-print(json.dumps({names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}))
+ctx = init_parallel(config.train.device, config.train.seed, config.layout)
+engine = build_run_engine(config, ctx, 256)  # its scheduler applies each group's weight decay
+names = {id(p): n for n, p in engine.model_parts[0].named_parameters()}
+print(json.dumps({names[id(p)]: g["weight_decay"] for g in engine.optimizer.param_groups for p in g["params"]}))
 """
 
 

@@ -38,8 +38,9 @@ log = logging.getLogger("kiln")
 _RANK_PIECE = ".kiln-files-rank{rank}.json"
 
 
-def check_resume_settings(checkpoint: CheckpointConfig, run_dir: str | None) -> None:
-    """Before any process starts: the resume settings must make sense for what is on disk."""
+def check_resume_settings(checkpoint: CheckpointConfig, run_dir: str | None, engine_cls) -> None:
+    """Before any process starts: the resume settings must make sense for what is on disk, and
+    the engine must be able to read the checkpoint it would resume from."""
     root = Path(checkpoint.dir) if checkpoint.dir else (Path(run_dir) / "checkpoints" if run_dir else None)
     own = store.published_steps(root) if root is not None else []
     if own and not checkpoint.resume:
@@ -47,6 +48,19 @@ def check_resume_settings(checkpoint: CheckpointConfig, run_dir: str | None) -> 
     source = checkpoint.resume_from
     if source and not own and not Path(source).exists():
         raise KilnCheckpointError(f"checkpoint.resume_from={source}: no such file or directory")
+    if own:
+        candidate = root / store.step_dir_name(own[-1])
+    elif source and (Path(source) / ckpt_state.KILN_META).exists():
+        candidate = Path(source)
+    elif source and store.published_steps(Path(source)):
+        candidate = Path(source) / store.step_dir_name(store.published_steps(Path(source))[-1])
+    else:
+        return
+    try:
+        engine = ckpt_state.read_metadata(candidate)["engine"]
+    except (KilnCheckpointError, ValueError, KeyError):
+        return  # unreadable: the verified resume in the workers names the problem and falls back
+    engine_cls.check_can_load(engine["name"], engine["checkpoint_format"], candidate)
 
 
 def _mixing_runs_message(root: Path, own: list[int]) -> str:
@@ -157,7 +171,7 @@ class CheckpointManager:
         saved = SavedEngine(name=meta["engine"]["name"], checkpoint_format=meta["engine"]["checkpoint_format"],
                             state=meta["engine"]["state"], step=int(meta["step"]),
                             tensor_keys=ckpt_state.tensor_keys(path))
-        engine.check_can_load(saved, path)
+        engine.check_can_load(saved.name, saved.checkpoint_format, path)
         # RNG states belong to (pp, tp, cp) positions; under another layout they mean nothing.
         with_rng = ckpt_state.same_rng_layout(meta, self.ctx.layout)
         started = time.perf_counter()

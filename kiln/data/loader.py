@@ -102,6 +102,8 @@ def _streaming_registration_lock(timeout_s: float = 600.0) -> Iterator[None]:
     """
     import torch.distributed as dist
 
+    from kiln.parallel import collectives
+
     distributed = dist.is_available() and dist.is_initialized()
     leader = int(os.environ.get("LOCAL_RANK") or 0) == 0
     lock_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -120,10 +122,10 @@ def _streaming_registration_lock(timeout_s: float = 600.0) -> Iterator[None]:
                                             f"held by another job building a dataset on this machine") from None
                     time.sleep(0.05)
         if distributed:
-            dist.barrier()  # no rank scans for a prefix before its leader holds the lock
+            collectives.barrier()  # no rank scans for a prefix before its leader holds the lock
         yield
         if distributed:
-            dist.barrier()  # the prefix is registered on every rank before the lock goes
+            collectives.barrier()  # the prefix is registered on every rank before the lock goes
     finally:
         if fd is not None:
             os.close(fd)  # releases the flock

@@ -129,16 +129,17 @@ class Engine(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ...
 
-    def check_can_load(self, saved: SavedEngine, where) -> None:
+    @classmethod
+    def check_can_load(cls, saved_name: str, saved_format: str, where) -> None:
         """Refuse, naming why and what to do, a checkpoint whose state this engine cannot read."""
-        if saved.checkpoint_format == self.checkpoint_format or saved.checkpoint_format in self.reads_formats:
+        if saved_format == cls.checkpoint_format or saved_format in cls.reads_formats:
             return
         from kiln.engine import engines_reading
 
-        readers = engines_reading(saved.checkpoint_format)
+        readers = engines_reading(saved_format)
         raise KilnCheckpointError(
-            f"checkpoint {where} was saved by the {saved.name} engine, whose optimizer state is in the "
-            f"'{saved.checkpoint_format}' format; the {self.name} engine cannot read it. Resume with "
+            f"checkpoint {where} was saved by the {saved_name} engine, whose optimizer state is in the "
+            f"'{saved_format}' format; the {cls.name} engine cannot read it. Resume with "
             + " or ".join(f"parallel.engine={name}" for name in readers)
             + " (or start from new weights with --no-resume and a new train.run_dir)")
 

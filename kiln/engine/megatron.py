@@ -39,8 +39,8 @@ class MegatronEngine(Engine):
             raise KilnConfigError("train.precision=fp16 needs parallel.engine=deepspeed (its dynamic loss scaler); "
                                   f"the {cls.name} engine trains in bf16 or fp32")
         if parallel.offload_optimizer != "none" or parallel.offload_params != "none":
-            raise KilnConfigError(f"parallel.offload_optimizer/offload_params: the {cls.name} engine does not offload; "
-                                  "use parallel.engine=deepspeed (optimizer or parameters) or fsdp (parameters)")
+            raise KilnConfigError(f"parallel.offload_optimizer/offload_params need parallel.engine=deepspeed "
+                                  f"(or fsdp, for parameters); the {cls.name} engine does not offload")
 
     @classmethod
     def describe(cls, parallel: ParallelConfig) -> str:

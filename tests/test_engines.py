@@ -1,0 +1,176 @@
+"""The engine interface: the Trainer and each engine below the CLI (on N gloo ranks), and the
+fsdp engine through the CLI against the megatron engine.
+
+The fsdp cases run ``kiln train`` as a user would (torchrun, gloo) and compare each step's
+loss with one megatron-engine process on the same global batch, in fp32, with gradient
+clipping active: parity at DP=2 and at TP=2 × DP=2, per-rank state halving at DP=2, a DP=2
+checkpoint resumed at DP=1, and checkpoints crossing between the engines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.kiln_run import PARITY_SETTINGS, kiln, read_metrics, train
+
+STEPS = 6
+COMMON = (f"train.max_steps={STEPS}", *PARITY_SETTINGS, "optim.grad_clip=0.3")
+FSDP = ("parallel.engine=fsdp",)
+REL_TOL = 1e-4
+
+
+# -- below the CLI: the Trainer's hooks and an update a callback skips -----------------------
+def _train_skipping_step_2(rank: int, engine: str) -> dict:
+    """4 steps on synthetic tokens; a callback on every rank skips the update of step 2."""
+    from kiln.config import config_from_dict
+    from kiln.parallel.backend import destroy_parallel, init_parallel
+    from kiln.train import build_run_engine
+    from kiln.trainer.callbacks import Callback
+    from kiln.trainer.loop import Trainer
+
+    config = config_from_dict({}, [f"parallel.engine={engine}", "model.vocab_size=256", "train.precision=fp32",
+                                   "train.device=cpu", "train.max_steps=4", "train.log_every=1",
+                                   "train.micro_batch_size=2", "train.global_batch_size=8", "optim.warmup_steps=2",
+                                   "logging.wandb=disabled"])
+    ctx = init_parallel(config.train.device, config.train.seed, config.layout)
+    generator = torch.Generator().manual_seed(100 + ctx.coords["dp"])
+    batches = iter([{"tokens": torch.randint(0, 256, (2, config.model.seq_len + 1), generator=generator)}
+                    for _ in range(16)])
+    record: dict = {"hooks": [], "steps": []}
+
+    class SkipSecondUpdate(Callback):
+        def on_train_start(self, trainer):
+            record["hooks"].append("train_start")
+
+        def on_step_start(self, trainer):
+            record["hooks"].append("step_start")
+
+        def skip_update(self, trainer, result):
+            record["hooks"].append("skip_update")
+            record.setdefault("global_losses", []).append(trainer.global_loss(result))
+            return trainer.state.step == 1  # the update of step 2
+
+        def on_step_end(self, trainer, result):
+            record["hooks"].append("step_end")
+            weights = sum(float(p.detach().to_local().double().sum() if hasattr(p, "to_local") else p.double().sum())
+                          for part in trainer.engine.model_parts for p in part.parameters())
+            record["steps"].append({"skipped": result.skipped, "lr": trainer.engine.lr, "weights": weights})
+
+        def on_log(self, trainer, metrics):
+            record["hooks"].append("log")
+
+        def close(self):
+            record["hooks"].append("close")
+
+    engine_ = build_run_engine(config, ctx, 256)
+    trainer = Trainer(train=config.train, data=config.data, seq_len=config.model.seq_len, ctx=ctx, engine=engine_,
+                      batches=batches, callbacks=[SkipSecondUpdate()])
+    trainer.train()
+    trainer.close()
+    record["skipped_steps"] = trainer.state.skipped_steps
+    destroy_parallel()
+    return record
+
+
+@pytest.mark.parametrize("engine", ["megatron", "fsdp"])
+def test_a_callback_skips_an_update_on_every_rank(engine):
+    records = run_distributed(_train_skipping_step_2, 2, engine)
+    per_step = ["step_start", "skip_update", "step_end", "log"]
+    for record in records:
+        assert record["hooks"] == ["train_start", *per_step * 4, "close"]
+        steps = record["steps"]
+        assert [s["skipped"] for s in steps] == [False, True, False, False] and record["skipped_steps"] == 1
+        assert steps[1]["weights"] == steps[0]["weights"]  # the skipped update moved nothing
+        assert steps[2]["weights"] != steps[1]["weights"]
+        # The schedule did not advance either: step 3 gets the LR step 2 would have had.
+        assert steps[1]["lr"] == steps[0]["lr"] == pytest.approx(1.5e-4) and steps[2]["lr"] == pytest.approx(3e-4)
+    # The loss the callback decided on is the same on every rank (averaged over DP replicas).
+    assert records[0]["global_losses"] == records[1]["global_losses"]
+
+
+# -- fsdp through the CLI ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kiln-cache")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    """Runs by name, each trained once per module: (run dir, metrics)."""
+    plans = {
+        "megatron": (1, (*COMMON, "checkpoint.every=3")),
+        "fsdp-dp1": (1, (*COMMON, *FSDP, "train.max_steps=1")),
+        "fsdp-dp2": (2, (*COMMON, *FSDP, "checkpoint.every=3")),
+        "fsdp-tp2-dp2": (4, (*COMMON, *FSDP, "parallel.tp=2")),
+    }
+    done: dict[str, tuple[Path, list[dict]]] = {}
+
+    def get(name: str) -> tuple[Path, list[dict]]:
+        if name not in done:
+            nproc, overrides = plans[name]
+            run_dir = tmp_path_factory.mktemp(name) / "run"
+            done[name] = run_dir, train(run_dir, nproc, *overrides, cache_dir=cache_dir)
+        return done[name]
+
+    return get
+
+
+def assert_same_losses(reference: list[dict], candidate: list[dict], first_step: int = 1) -> None:
+    assert [m["step"] for m in candidate] == list(range(first_step, STEPS + 1))
+    by_step = {m["step"]: m for m in reference}
+    for got in candidate:
+        ref = by_step[got["step"]]
+        rel = abs(got["loss"] - ref["loss"]) / abs(ref["loss"])
+        assert rel < REL_TOL, f"step {got['step']}: loss {got['loss']:.7f} vs megatron {ref['loss']:.7f} (rel {rel:.2e})"
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsdp-dp2", "fsdp-tp2-dp2"])
+def test_fsdp_matches_megatron_single_process(name, runs):
+    assert_same_losses(runs("megatron")[1], runs(name)[1])
+
+
+@pytest.mark.slow
+def test_fsdp_shards_parameters_and_optimizer_over_data_parallel_ranks(runs):
+    def ranks(run_dir: Path) -> list[dict]:
+        return json.loads((run_dir / "state_bytes.json").read_text())["ranks"]
+
+    (one,), two = ranks(runs("fsdp-dp1")[0]), ranks(runs("fsdp-dp2")[0])
+    assert len(two) == 2
+    for rank in two:
+        for what in ("parameters", "optimizer"):
+            ratio = rank[what] / one[what]
+            assert 0.45 < ratio < 0.55, f"fsdp rank {rank['rank']}: {what} bytes x{ratio:.3f} at DP=2"
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_from_dp2_resumes_at_dp1(runs, tmp_path, cache_dir):
+    step3 = runs("fsdp-dp2")[0] / "checkpoints" / "step_000003"
+    kiln("train", "configs/tiny.yaml", "--nproc-per-node", "1", f"train.run_dir={tmp_path / 'run'}",
+         "--resume-from", str(step3), *COMMON, *FSDP, cache_dir=cache_dir)
+    assert_same_losses(runs("megatron")[1], read_metrics(tmp_path / "run"), first_step=4)
+
+
+@pytest.mark.slow
+def test_megatron_checkpoint_loads_into_fsdp(runs, tmp_path, cache_dir):
+    step3 = runs("megatron")[0] / "checkpoints" / "step_000003"
+    kiln("train", "configs/tiny.yaml", "--nproc-per-node", "2", f"train.run_dir={tmp_path / 'run'}",
+         "--resume-from", str(step3), *COMMON, *FSDP, cache_dir=cache_dir)
+    assert_same_losses(runs("megatron")[1], read_metrics(tmp_path / "run"), first_step=4)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_into_megatron_is_refused_before_launch(runs, tmp_path, cache_dir):
+    step3 = runs("fsdp-dp2")[0] / "checkpoints" / "step_000003"
+    result = kiln("train", "configs/tiny.yaml", "--nproc-per-node", "2", f"train.run_dir={tmp_path / 'run'}",
+                  "--resume-from", str(step3), *COMMON, cache_dir=cache_dir, check=False)
+    assert result.returncode == 2
+    assert "saved by the fsdp engine" in result.stderr and "the megatron engine cannot read it" in result.stderr
+    assert "parallel.engine=fsdp" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
