@@ -589,17 +589,29 @@ def main() -> None:
     trainer, vocab_size = build(config, ctx)
     n_params = sum(p.numel() for m in trainer.engine.model_parts for p in m.parameters())
 
-    # Per-step record: train-step time, checkpoint work after it, and overlap with a background write.
-    train_step, after_step = trainer.train_step, trainer._checkpoint_after_step
+    # Per-step record: train-step time (the engine's forward/backward through its optimizer step),
+    # checkpoint work after it, and overlap with a background write.
+    engine = trainer.engine
+    forward_backward, optimizer_step, after_step = engine.forward_backward, engine.optimizer_step, \
+        trainer._checkpoint_after_step
+    step_started = [0.0]
 
-    def timed_train_step():
-        t0 = time.monotonic()
-        out = train_step()
+    def timed_forward_backward(micro_batches):
+        step_started[0] = time.monotonic()
+        return forward_backward(micro_batches)
+
+    def timed_optimizer_step(result, skip=False):
+        out = optimizer_step(result, skip=skip)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
+        t0 = step_started[0]
         rec.steps.append({"run": rec.run, "step": trainer.state.step + 1, "t0": t0, "t1": time.monotonic(),
                           "train": time.monotonic() - t0, "overlap": trainer.checkpointer.in_flight is not None})
         return out
+
+    def train_step():
+        result = forward_backward(trainer.next_micro_batches())
+        optimizer_step(result)
 
     def timed_after_step():
         before, n_events = trainer.checkpointer.in_flight, len(rec.events)
@@ -613,7 +625,8 @@ def main() -> None:
         if published:
             entry["published"] = before
 
-    trainer.train_step, trainer._checkpoint_after_step = timed_train_step, timed_after_step
+    engine.forward_backward, engine.optimizer_step = timed_forward_backward, timed_optimizer_step
+    trainer._checkpoint_after_step = timed_after_step
     for _ in range(args.warmup):
         train_step()
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine import portable_state
 from kiln.engine.base import Engine, SavedEngine, StepResult
-from kiln.engine.forward import TokenLossForward, mean_loss
+from kiln.engine.forward import TokenBatches, mean_loss
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, param_groups, scheduler_state
 from kiln.errors import KilnConfigError, KilnEnvironmentError
 
@@ -233,7 +233,7 @@ class DeepSpeedEngine(Engine):
         self.base_optimizer = self.optimizer.optimizer  # the torch/CPU Adam over ZeRO's flat partitions
         init_adam_state(self.base_optimizer, self.master_partitions())
         self.scheduler = build_lr_scheduler(self.optim_config, self.train_config.max_steps, self.optimizer)
-        self._forward = TokenLossForward(self.model_config.seq_len, ctx.device)
+        self._batches = TokenBatches(self.model_config.seq_len, ctx.device)
 
     @property
     def model_parts(self) -> list[torch.nn.Module]:
@@ -246,12 +246,16 @@ class DeepSpeedEngine(Engine):
         return list(self.optimizer.single_partition_of_fp32_groups)
 
     # -- a step ---------------------------------------------------------------------------
+    def _token_losses(self, batch) -> torch.Tensor:
+        inputs, labels, positions = self._batches.split(batch)
+        return self.engine(inputs, positions, attention_mask=None, labels=labels)  # [b, s]
+
     def forward_backward(self, micro_batches) -> StepResult:
         """Forward/backward every micro-batch; DeepSpeed accumulates and applies the update at the
         last micro-batch's ``engine.step()``, which :meth:`optimizer_step` makes."""
         losses = []
         for index, batch in enumerate(micro_batches):
-            loss = mean_loss(self._forward(self.engine, batch))
+            loss = mean_loss(self._token_losses(batch))
             self.engine.backward(loss)
             if index < len(micro_batches) - 1:
                 self.engine.step()  # not a boundary: only counts the micro-step
@@ -280,7 +284,7 @@ class DeepSpeedEngine(Engine):
     def eval_losses(self, micro_batches) -> list[float]:
         self.engine.eval()
         with torch.no_grad():
-            losses = [float(mean_loss(self._forward(self.engine, batch))) for batch in micro_batches]
+            losses = [float(mean_loss(self._token_losses(batch))) for batch in micro_batches]
         self.engine.train()
         return losses
 

@@ -25,7 +25,7 @@ from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine import portable_state
 from kiln.engine.base import Engine, SavedEngine, StepResult
 from kiln.engine.deepspeed import portable_request
-from kiln.engine.forward import TokenLossForward, mean_loss
+from kiln.engine.forward import TokenBatches, mean_loss
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, param_groups, scheduler_state
 from kiln.errors import KilnConfigError
 from kiln.parallel import collectives
@@ -113,7 +113,7 @@ class FSDPEngine(Engine):
                                            eps=o.eps, weight_decay=o.weight_decay)
         self._init_adam_state()
         self.scheduler = build_lr_scheduler(o, self.train_config.max_steps, self.optimizer)
-        self._forward = TokenLossForward(self.model_config.seq_len, ctx.device)
+        self._batches = TokenBatches(self.model_config.seq_len, ctx.device)
         self.module.train()
 
     def _init_adam_state(self) -> None:
@@ -130,10 +130,14 @@ class FSDPEngine(Engine):
         return [self.module]
 
     # -- a step ---------------------------------------------------------------------------
+    def _token_losses(self, batch) -> torch.Tensor:
+        inputs, labels, positions = self._batches.split(batch)
+        return self.module(inputs, positions, attention_mask=None, labels=labels)  # [b, s]
+
     def forward_backward(self, micro_batches) -> StepResult:
         losses = []
         for batch in micro_batches:
-            loss = mean_loss(self._forward(self.module, batch))
+            loss = mean_loss(self._token_losses(batch))
             (loss / len(micro_batches)).backward()  # FSDP averages over DP ranks; this over micro-batches
             losses.append(loss.detach())
         return StepResult(loss=float(torch.stack(losses).mean()))
@@ -172,7 +176,7 @@ class FSDPEngine(Engine):
     def eval_losses(self, micro_batches) -> list[float]:
         self.module.eval()
         with torch.no_grad():
-            losses = [float(mean_loss(self._forward(self.module, batch))) for batch in micro_batches]
+            losses = [float(mean_loss(self._token_losses(batch))) for batch in micro_batches]
         self.module.train()
         return losses
 

@@ -16,7 +16,7 @@ import torch
 
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine.base import Engine, SavedEngine, StepResult
-from kiln.engine.forward import TokenLossForward, mean_loss
+from kiln.engine.forward import TokenBatches, mean_loss
 from kiln.engine.megatron_checkpoint import (OPTIMIZER_METADATA, ensure_adam_state, optimizer_step_count,
                                              torch_adam_load_fixes)
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, scheduler_state
@@ -86,7 +86,7 @@ class MegatronEngine(Engine):
             from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
             self._schedule_groups["p2p_communicator"] = P2PCommunicator(pp_group=ctx.pg_collection.pp, config=tconfig)
-        self._forward = TokenLossForward(self.model_config.seq_len, ctx.device)
+        self._batches = TokenBatches(self.model_config.seq_len, ctx.device)
         for model in self.models:
             model.train()
 
@@ -96,13 +96,14 @@ class MegatronEngine(Engine):
 
     # -- a step ---------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
-        return self._forward(model, next(data_iterator)), _loss_func
+        inputs, labels, positions = self._batches.split(next(data_iterator))
+        return model(inputs, positions, attention_mask=None, labels=labels), _loss_func
 
-    def _run_schedule(self, micro_batches, forward_only: bool) -> list[float]:
+    def _schedule_args(self, micro_batches, forward_only: bool) -> dict[str, Any]:
         # Every model chunk walks the same micro-batches (interleaved pipelines visit them once per chunk).
         iterators = [iter(micro_batches) for _ in self.models]
         seq_len = self.model_config.seq_len
-        losses = self._schedule(
+        return dict(
             forward_step_func=self._forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.models if len(self.models) > 1 else self.models[0],
@@ -113,14 +114,13 @@ class MegatronEngine(Engine):
             forward_only=forward_only,
             **self._schedule_groups,
         )
-        return [float(d["lm loss"]) for d in losses]  # only the last pipeline stage has losses
 
     def forward_backward(self, micro_batches) -> StepResult:
         for model in self.models:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run_schedule(micro_batches, forward_only=False)
-        return StepResult(loss=sum(losses) / len(losses) if losses else None)
+        losses = [float(d["lm loss"]) for d in self._schedule(**self._schedule_args(micro_batches, forward_only=False))]
+        return StepResult(loss=sum(losses) / len(losses) if losses else None)  # only the last stage has losses
 
     def optimizer_step(self, result: StepResult, *, skip: bool = False) -> StepResult:
         if skip:  # gradients are dropped at the next forward_backward (zero_grad_buffer)
@@ -135,7 +135,7 @@ class MegatronEngine(Engine):
         for model in self.models:
             model.eval()
         with torch.no_grad():
-            losses = self._run_schedule(micro_batches, forward_only=True)
+            losses = [float(d["lm loss"]) for d in self._schedule(**self._schedule_args(micro_batches, forward_only=True))]
         for model in self.models:
             model.train()
         return losses

@@ -90,14 +90,16 @@ class Trainer:
         return parts
 
     # -- one step ----------------------------------------------------------------------
-    def train_step(self) -> StepResult:
-        # Every rank draws the micro-batches, so all iterators stay in step.
+    def next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This step's micro-batches; every rank draws them, so all iterators stay in step."""
         wait_start = time.perf_counter()
         micro_batches = [next(self.batches) for _ in range(self.num_microbatches)]
         self._count_data_wait(time.perf_counter() - wait_start)
-        result = self.engine.forward_backward(micro_batches)
-        skip = any([callback.skip_update(self, result) for callback in self.callbacks])  # every callback asked
-        return self.engine.optimizer_step(result, skip=skip)
+        return micro_batches
+
+    def skip_requested(self, result: StepResult) -> bool:
+        """Whether any callback vetoes this step's update (every callback is asked)."""
+        return any([callback.skip_update(self, result) for callback in self.callbacks])
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the validation micro-batches (forward only, the same layout)."""
@@ -122,7 +124,9 @@ class Trainer:
         while state.step < cfg.max_steps:
             for callback in self.callbacks:
                 callback.on_step_start(self)
-            result = self.train_step()
+            # One step: the engine accumulates the gradients, the callbacks may veto the update.
+            result = self.engine.forward_backward(self.next_micro_batches())
+            result = self.engine.optimizer_step(result, skip=self.skip_requested(result))
             state.step += 1
             state.consumed_samples += cfg.global_batch_size
             state.consumed_tokens += self.tokens_per_step
