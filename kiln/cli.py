@@ -64,9 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.overrides = [*args.overrides, *_checkpoint_overrides(args)]
     config = load_config(args.config, args.overrides)
     if args.dry_run:
-        from kiln.plan.dry_run import dry_run_report
-
-        print(dry_run_report(config, args.world_size or args.nproc_per_node or 1))
+        print(config.dry_run_report(args.world_size or args.nproc_per_node or 1))
         return 0
     if args.nproc_per_node and not _inside_torchrun():
         from kiln.checkpoint.manager import check_resume_settings

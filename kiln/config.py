@@ -393,6 +393,13 @@ class RunConfig:
 
         return ParallelLayout.build(self.parallel, self.model, self.train, world_size)
 
+    def dry_run_report(self, world_size: int, vocab_size: int | None = None) -> str:
+        """What ``kiln train --dry-run`` prints (kiln.plan.dry_run): layout, parameters, batch arithmetic."""
+        from kiln.plan.dry_run import dry_run_report
+
+        return dry_run_report(self.name, self.layout(world_size), model=self.model, parallel=self.parallel,
+                              optim=self.optim, train=self.train, data=self.data, vocab_size=vocab_size)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["checkpoint"]["async"] = out["checkpoint"].pop("async_save")

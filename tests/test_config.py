@@ -6,7 +6,6 @@ import pytest
 
 from kiln.config import config_from_dict, dump_config, load_config, parse_overrides
 from kiln.errors import KilnConfigError
-from kiln.parallel.layout import ParallelLayout
 
 
 def test_overrides_parse_as_yaml_and_coerce():
@@ -91,3 +90,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(KilnConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_unknown_engine_lists_the_registered_ones():
+    from kiln.engine import ENGINES
+
+    with pytest.raises(KilnConfigError) as err:
+        config_from_dict({}, ["parallel.engine=zero"])
+    assert "'zero' is not an engine" in str(err.value)
+    assert all(name in str(err.value) for name in ENGINES) and len(ENGINES) == 3

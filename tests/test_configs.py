@@ -9,8 +9,6 @@ import pytest
 
 from kiln.config import RunConfig, load_config
 from kiln.errors import KilnConfigError
-from kiln.parallel.layout import ParallelLayout
-from kiln.plan.dry_run import dry_run_report
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ["llama3-125m", "llama3-1b", "llama3-8b", "llama3-70b"]
@@ -77,12 +75,12 @@ def test_table_row_validates(config_file: str, gpus: int, overrides: list[str], 
     assert batch_text == f"{config.train.micro_batch_size} × {layout.num_microbatches(config.train)}"
     # tokens per step stay ~1-4M whatever the GPU count
     assert 1_000_000 <= config.train.global_batch_size * config.model.seq_len <= 4_200_000
-    report = dry_run_report(config, gpus)  # the presets set vocab_size: no tokenizer is read
+    report = config.dry_run_report(gpus)  # the presets set vocab_size: no tokenizer is read
     assert f"on {gpus} ranks" in report
 
 
 def test_dry_run_8b_on_64() -> None:
-    report = dry_run_report(load_config(CONFIGS / "llama3-8b.yaml"), 64)
+    report = load_config(CONFIGS / "llama3-8b.yaml").dry_run_report(64)
     assert "8.03B (8,030,261,248)" in report
     assert "world 64 = dp 32 × pp 1 × cp 1 × tp 2" in report
     assert "tp groups (32 × 2 ranks): [0,1]  [2,3]" in report
@@ -94,7 +92,7 @@ def test_dry_run_8b_on_64() -> None:
 
 
 def test_dry_run_70b_lists_interleaved_chunks() -> None:
-    report = dry_run_report(load_config(CONFIGS / "llama3-70b.yaml"), 512)
+    report = load_config(CONFIGS / "llama3-70b.yaml").dry_run_report(512)
     assert "70.55B (70,553,706,496)" in report
     assert "stage 0: layers 0-3, 16-19, 32-35, 48-51, 64-67 + embedding" in report
     assert "stage 3: layers 12-15, 28-31, 44-47, 60-63, 76-79 + final norm + output" in report
@@ -102,7 +100,7 @@ def test_dry_run_70b_lists_interleaved_chunks() -> None:
 
 def test_dry_run_tiny_with_explicit_vocab() -> None:
     config = load_config(CONFIGS / "tiny.yaml")
-    report = dry_run_report(config, 2, vocab_size=4096)
+    report = config.dry_run_report(2, vocab_size=4096)
     assert "vocab 4,096" in report and "647.49K (647,488)" in report
     assert "micro-batch 4 × dp 2 × 2 grad-accumulation" in report
 
@@ -110,21 +108,21 @@ def test_dry_run_tiny_with_explicit_vocab() -> None:
 def test_dry_run_unreadable_tokenizer_is_a_config_error(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "tiny.yaml", [f"data.tokenizer={tmp_path / 'missing.json'}"])
     with pytest.raises(KilnConfigError, match="data.tokenizer"):
-        dry_run_report(config, 1)
+        config.dry_run_report(1)
 
 
 def test_heads_not_divisible_by_tp() -> None:
     config = load_config(CONFIGS / "llama3-8b.yaml", ["parallel.tp=3"])
     with pytest.raises(KilnConfigError, match=re.escape("32 / 3")):
-        dry_run_report(config, 48)
+        config.dry_run_report(48)
 
 
 def test_model_parallel_not_dividing_world() -> None:
     config = load_config(CONFIGS / "llama3-8b.yaml", ["parallel.tp=3"])
     with pytest.raises(KilnConfigError, match="does not divide world size 64"):
-        dry_run_report(config, 64)
+        config.dry_run_report(64)
     with pytest.raises(KilnConfigError, match=re.escape("tp(8) × pp(4) × cp(1) = 32 does not divide world size 48")):
-        dry_run_report(load_config(CONFIGS / "llama3-70b.yaml"), 48)
+        load_config(CONFIGS / "llama3-70b.yaml").dry_run_report(48)
 
 
 def test_dry_run_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,5 +134,5 @@ def test_dry_run_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
     monkeypatch.setattr(torch.distributed, "new_group", refuse)
     config: RunConfig = load_config(CONFIGS / "llama3-70b.yaml")
-    dry_run_report(config, 64)
+    config.dry_run_report(64)
     assert not torch.distributed.is_initialized()

@@ -132,3 +132,29 @@ def test_streaming_partition_global_batches_are_topology_free(nodes, ranks_per_n
     for k in range(epoch // global_batch):
         step = sorted(int(i) for rank in per_rank for i in rank[k])
         assert step == list(range(k * global_batch, (k + 1) * global_batch))
+
+
+def test_attaching_to_shared_memory_waits_until_its_creator_sized_it():
+    """streaming's attach can land between shm_open and ftruncate of the creator (streaming#901)."""
+    import os
+    import threading
+    import uuid
+
+    import _posixshmem
+    from streaming.base.shared import memory
+
+    from kiln.data.loader import _attach_waits_for_size
+
+    _attach_waits_for_size()
+    name = f"kiln-test-{uuid.uuid4().hex[:8]}"
+    fd = _posixshmem.shm_open(f"/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)  # created, size 0
+    sizer = threading.Timer(0.05, lambda: os.ftruncate(fd, 4096))
+    sizer.start()
+    try:
+        attached = memory.BuiltinSharedMemory(name, False, 0)
+        assert attached.size == 4096
+        attached.close()
+    finally:
+        sizer.join()
+        os.close(fd)
+        _posixshmem.shm_unlink(f"/{name}")

@@ -174,3 +174,71 @@ def test_fsdp_checkpoint_into_megatron_is_refused_before_launch(runs, tmp_path, 
     assert "saved by the fsdp engine" in result.stderr and "the megatron engine cannot read it" in result.stderr
     assert "parallel.engine=fsdp" in result.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+class _CountingBatches:
+    """Synthetic token batches with a position, like the real loader's state."""
+
+    def __init__(self, seed: int, seq_len: int) -> None:
+        self.seed, self.seq_len, self.position = seed, seq_len, 0
+
+    def __next__(self) -> dict:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.position)
+        self.position += 1
+        return {"tokens": torch.randint(0, 256, (2, self.seq_len + 1), generator=generator)}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def _train_rolling_back_at_step_3(rank: int, engine: str, run_dir: Path) -> dict:
+    """6 steps, checkpoints every 2; after step 3 a callback asks for a rollback (to step 2)."""
+    from kiln.checkpoint.manager import CheckpointManager
+    from kiln.config import config_from_dict
+    from kiln.parallel.backend import destroy_parallel, init_parallel
+    from kiln.train import build_run_engine
+    from kiln.trainer.callbacks import Callback
+    from kiln.trainer.loop import Trainer
+
+    config = config_from_dict({}, [f"parallel.engine={engine}", "model.vocab_size=256", "train.precision=fp32",
+                                   "train.device=cpu", "train.max_steps=6", "train.log_every=1",
+                                   "train.micro_batch_size=2", "train.global_batch_size=4", "optim.warmup_steps=2",
+                                   "logging.wandb=disabled", "checkpoint.every=2", f"train.run_dir={run_dir}"])
+    ctx = init_parallel(config.train.device, config.train.seed, config.layout)
+    checkpointer = CheckpointManager(config.checkpoint, ctx, run_dir, config.model, config.to_dict())
+    checkpointer.prepare()
+    record: dict = {"losses": [], "saved": []}
+
+    class RollBackOnce(Callback):
+        def on_step_end(self, trainer, result):
+            record["losses"].append((trainer.state.step, trainer.global_loss(result)))
+            if trainer.state.step == 3 and len(record["losses"]) == 3:
+                trainer.request_rollback()
+
+        def on_checkpoint_saved(self, trainer, step):
+            record["saved"].append(step)
+
+    trainer = Trainer(train=config.train, data=config.data, seq_len=config.model.seq_len, ctx=ctx,
+                      engine=build_run_engine(config, ctx, 256), batches=_CountingBatches(ctx.coords["dp"], 128),
+                      callbacks=[RollBackOnce()], checkpoint_every=config.checkpoint.every, checkpointer=checkpointer)
+    trainer.train()
+    record["final_step"] = trainer.state.step
+    checkpointer.close()
+    destroy_parallel()
+    return record
+
+
+@pytest.mark.parametrize("engine", ["megatron", "fsdp"])
+def test_a_callback_rolls_back_to_the_last_checkpoint(engine, tmp_path):
+    records = run_distributed(_train_rolling_back_at_step_3, 2, engine, tmp_path / "run")
+    for record in records:
+        steps = [step for step, _ in record["losses"]]
+        assert steps == [1, 2, 3, 3, 4, 5, 6] and record["final_step"] == 6
+        losses = dict(record["losses"][:3])
+        # Weights, optimizer, LR schedule and data position all came back: step 3 again is step 3 bitwise.
+        assert record["losses"][3] == (3, losses[3])
+        assert record["saved"] == [2, 4, 6]
+    assert records[0]["losses"] == records[1]["losses"]

@@ -90,6 +90,39 @@ def _check_world(dp_rank: int, dp_size: int, replication: int) -> None:
             raise KilnDataError(f"data loader: torch.distributed has (rank, world) = {got} but the env says {(rank, world)}")
 
 
+def _attach_waits_for_size() -> None:
+    """Work around a race in streaming's shared memory (mosaicml/streaming#901, #966).
+
+    ``SharedMemory(create=True)`` is ``shm_open`` then ``ftruncate``; a rank that attaches in
+    between (streaming waits one 7 ms tick after FileExistsError) maps a zero-size segment and
+    fails with "cannot mmap an empty file". It shows on loaded machines. Attaching here waits
+    (up to 10 s) until the creator has sized the segment.
+    """
+    from streaming.base.shared import memory
+
+    builtin = memory.BuiltinSharedMemory
+    if getattr(builtin, "kiln_waits_for_size", False):
+        return
+
+    class SizedSharedMemory(builtin):
+        kiln_waits_for_size = True
+
+        def __init__(self, name=None, create=False, size=0):
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    super().__init__(name, create, size)
+                    return
+                except ValueError as err:  # the fd of the failed attach is not closed by the stdlib
+                    if getattr(self, "_fd", -1) >= 0:
+                        os.close(self._fd)
+                    if create or "empty file" not in str(err) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
+
+    memory.BuiltinSharedMemory = SizedSharedMemory
+
+
 @contextlib.contextmanager
 def _streaming_registration_lock(timeout_s: float = 600.0) -> Iterator[None]:
     """Let one job at a time on this machine register streaming's shared memory.
@@ -310,6 +343,7 @@ def build_train_loader(
     else:
         kwargs.update(located[0][0])
 
+    _attach_waits_for_size()
     try:
         with _streaming_registration_lock():
             dataset = StreamingDataset(

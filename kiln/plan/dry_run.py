@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from kiln.config import DataConfig, ModelConfig, RunConfig
+from kiln.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from kiln.errors import KilnConfigError
 from kiln.parallel.layout import ParallelLayout
 from kiln.plan.params import count_parameters, human, human_exact
@@ -39,18 +39,18 @@ def resolve_vocab_size(model: ModelConfig, data: DataConfig) -> int:
         ) from err
 
 
-def dry_run_report(config: RunConfig, world_size: int, vocab_size: int | None = None) -> str:
-    """Validate ``config`` on ``world_size`` ranks and describe the run as text.
+def dry_run_report(name: str, layout: ParallelLayout, *, model: ModelConfig, parallel: ParallelConfig,
+                   optim: OptimConfig, train: TrainConfig, data: DataConfig, vocab_size: int | None = None) -> str:
+    """Describe a run on its (validated) layout as text.
 
     ``vocab_size`` overrides the config's (and saves reading the tokenizer); when None it is
     ``model.vocab_size``, or the tokenizer's.
     """
-    layout = config.layout(world_size)
-    model, train, p = config.model, config.train, config.parallel
-    vocab = vocab_size if vocab_size is not None else resolve_vocab_size(config.model, config.data)
+    world_size, p = layout.world_size, parallel
+    vocab = vocab_size if vocab_size is not None else resolve_vocab_size(model, data)
     params = count_parameters(model, vocab, tp=layout.tp)
 
-    lines = [f"kiln dry run: {config.name} on {world_size} ranks (no process group created, no model built)", ""]
+    lines = [f"kiln dry run: {name} on {world_size} ranks (no process group created, no model built)", ""]
 
     lines.append("layout")
     lines += ["  " + line for line in layout.describe().splitlines()]
@@ -59,7 +59,7 @@ def dry_run_report(config: RunConfig, world_size: int, vocab_size: int | None = 
     engine = engine_class(p.engine).describe(p)
     lines.append(
         f"  engine {engine}, precision {train.precision}, device {train.device}, "
-        f"sequence parallel {_yes(p.sequence_parallel)}, distributed optimizer {_yes(config.optim.distributed_optimizer)}"
+        f"sequence parallel {_yes(p.sequence_parallel)}, distributed optimizer {_yes(optim.distributed_optimizer)}"
     )
     lines.append("")
 
