@@ -22,6 +22,21 @@ PARITY_SETTINGS = (
 )
 
 
+def assert_same_losses(reference: list[dict], candidate: list[dict], last_step: int, first_step: int = 1,
+                       rel_tol: float = 1e-4) -> None:
+    """Every logged step of ``candidate`` (first_step..last_step) has the reference's loss (rel_tol)
+    and gradient norm (1e-3 relative)."""
+    import pytest
+
+    assert [m["step"] for m in candidate] == list(range(first_step, last_step + 1))
+    by_step = {m["step"]: m for m in reference}
+    for got in candidate:
+        ref = by_step[got["step"]]
+        rel = abs(got["loss"] - ref["loss"]) / abs(ref["loss"])
+        assert rel < rel_tol, f"step {got['step']}: loss {got['loss']:.7f} vs reference {ref['loss']:.7f} (rel {rel:.2e})"
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
+
+
 def kiln(*args: str, cache_dir: Path | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
     if cache_dir is not None:

@@ -16,6 +16,7 @@ from kiln.config import config_from_dict
 from kiln.errors import KilnConfigError
 from kiln.engine.deepspeed import deepspeed_config
 from tests.kiln_run import PARITY_SETTINGS, kiln, read_metrics, train
+from tests.kiln_run import assert_same_losses as same_losses
 
 STEPS = 8
 COMMON = (f"train.max_steps={STEPS}", *PARITY_SETTINGS, "optim.grad_clip=0.3", "checkpoint.every=0")
@@ -59,13 +60,7 @@ def runs(tmp_path_factory, cache_dir):
 
 
 def assert_same_losses(reference: list[dict], candidate: list[dict], first_step: int = 1) -> None:
-    assert [m["step"] for m in candidate] == list(range(first_step, STEPS + 1))
-    by_step = {m["step"]: m for m in reference}
-    for got in candidate:
-        ref = by_step[got["step"]]
-        rel = abs(got["loss"] - ref["loss"]) / abs(ref["loss"])
-        assert rel < REL_TOL, f"step {got['step']}: loss {got['loss']:.7f} vs megatron {ref['loss']:.7f} (rel {rel:.2e})"
-        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
+    same_losses(reference, candidate, STEPS, first_step, rel_tol=REL_TOL)
 
 
 # -- config ----------------------------------------------------------------------------
