@@ -20,6 +20,8 @@ import pytest
 
 from tests.kiln_run import TINY, kiln, read_metrics, start_kiln, train, worker_pid
 
+pytestmark = pytest.mark.slow  # trains through the CLI (torchrun, gloo)
+
 STEPS = 16
 COMMON = ("train.log_every=1", "logging.wandb=disabled", f"train.max_steps={STEPS}")
 LAYOUTS = {

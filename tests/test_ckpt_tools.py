@@ -60,6 +60,7 @@ def report(run, capsys) -> dict:
     return json.loads(out)
 
 
+@pytest.mark.slow
 def test_inspect_prints_counters_layout_and_global_shapes(run):
     out = kiln("ckpt", "inspect", str(run / "checkpoints")).stdout  # the root: its `latest` step
     lines = out.splitlines()
@@ -73,6 +74,7 @@ def test_inspect_prints_counters_layout_and_global_shapes(run):
     assert "optimizer tensors" in out and "optimizer.state.exp_avg." + EMBEDDING in out
 
 
+@pytest.mark.slow
 def test_inspect_json_lists_model_and_optimizer_tensors(report, step_dir):
     assert report["checkpoint"] == str(step_dir)
     assert report["step"] == 2 and report["consumed_samples"] == 8 and report["consumed_tokens"] == 1024
@@ -90,6 +92,7 @@ def test_inspect_json_lists_model_and_optimizer_tensors(report, step_dir):
     assert any(name.startswith("kiln.rng_state") for name in report["objects"])
 
 
+@pytest.mark.slow
 def test_convert_to_torch_writes_the_full_model_tensors(step_dir, report, reference, tmp_path):
     out = tmp_path / "model.pt"
     result = kiln("ckpt", "convert", str(step_dir), str(out))
@@ -105,6 +108,7 @@ def test_convert_to_torch_writes_the_full_model_tensors(step_dir, report, refere
     assert converted[EMBEDDING].std() > 0  # real weights, not an empty buffer
 
 
+@pytest.mark.slow
 def test_convert_refuses_to_overwrite_unless_asked(step_dir, tmp_path, capsys):
     out = tmp_path / "model.pt"
     out.write_bytes(b"keep me")
@@ -115,6 +119,7 @@ def test_convert_refuses_to_overwrite_unless_asked(step_dir, tmp_path, capsys):
     assert EMBEDDING in torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_convert_to_safetensors_with_optimizer_state(run, report, reference, tmp_path, capsys):
     safetensors = pytest.importorskip("safetensors")
     out = tmp_path / "model.safetensors"  # the suffix picks the format
@@ -129,6 +134,7 @@ def test_convert_to_safetensors_with_optimizer_state(run, report, reference, tmp
         assert torch.equal(tensor, reference[name]), name
 
 
+@pytest.mark.slow
 def test_safetensors_missing_says_how_to_install_it(step_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)  # makes `import safetensors` raise ImportError
     out = tmp_path / "model.bin"
@@ -137,6 +143,7 @@ def test_safetensors_missing_says_how_to_install_it(step_dir, tmp_path, capsys, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_reported_and_not_converted(step_dir, tmp_path):
     damaged = tmp_path / "checkpoints" / step_dir.name
     shutil.copytree(step_dir, damaged)

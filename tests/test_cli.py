@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import math
 
 import yaml
@@ -43,6 +45,7 @@ def test_wrong_type_names_the_setting():
     assert "train.max_steps: expected an integer, got 'many'" in result.stderr
 
 
+@pytest.mark.slow
 def test_tiny_trains_and_the_loss_falls(tmp_path):
     """What `make train` does, shortened: 2 processes (dp 2) on the bundled corpus, W&B offline."""
     run_dir = tmp_path / "run"
@@ -59,6 +62,7 @@ def test_tiny_trains_and_the_loss_falls(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
 
 
+@pytest.mark.slow
 def test_bf16_run(tmp_path):
     metrics = train(tmp_path / "run", 1, "train.precision=bf16", "train.max_steps=3", "train.log_every=1",
                     "logging.wandb=disabled", "train.global_batch_size=4", cache_dir=tmp_path / "cache")

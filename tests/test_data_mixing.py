@@ -72,6 +72,7 @@ def test_bad_mixture_or_validation_settings(overrides, message):
         load_config(TINY, overrides)
 
 
+@pytest.mark.slow
 def test_validation_loss_is_logged_during_training(tmp_path):
     from kiln.data.bundled import ensure_bundled_dataset
 

@@ -123,12 +123,14 @@ def test_dry_run_names_the_zero_stage_and_offload() -> None:
 
 
 # -- parity ----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_dp2_matches_megatron_single_process(stage, runs, megatron_baseline) -> None:
     _, metrics = runs(stage, 2)
     assert_same_losses(megatron_baseline, metrics)
 
 
+@pytest.mark.slow
 def test_zero3_tp2_dp2_matches_megatron_single_process(runs, megatron_baseline) -> None:
     _, metrics = runs(3, 4, 2)
     assert_same_losses(megatron_baseline, metrics)
@@ -139,6 +141,7 @@ def state_bytes(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "state_bytes.json").read_text())["ranks"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_shards_state_over_data_parallel_ranks(stage, runs) -> None:
     one = state_bytes(runs(stage, 1)[0] if stage == 3 else runs(stage, 1, 1, "train.max_steps=1")[0])
@@ -155,6 +158,7 @@ def test_zero_shards_state_over_data_parallel_ranks(stage, runs) -> None:
 
 
 # -- checkpoints at another DP size --------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_nproc,resumed_nproc", [(2, 1), (1, 2)])
 def test_zero3_checkpoint_resumes_at_another_dp_size(saved_nproc, resumed_nproc, runs, megatron_baseline, tmp_path,
                                                      cache_dir) -> None:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.kiln_run import PARITY_SETTINGS, train
 
+pytestmark = pytest.mark.slow  # trains through the CLI (torchrun, gloo)
+
 STEPS = 6
 COMMON = (f"train.max_steps={STEPS}", *PARITY_SETTINGS)
 REL_TOL = 1e-4

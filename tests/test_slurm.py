@@ -3,6 +3,8 @@ runs through the multi-node path (c10d rendezvous), and an exit code of 75 reque
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -10,6 +12,8 @@ import textwrap
 
 from kiln.parallel.backend import free_port
 from tests.kiln_run import REPO, TINY, read_metrics
+
+pytestmark = pytest.mark.slow  # trains through the CLI (torchrun, gloo)
 
 SBATCH = REPO / "slurm" / "kiln.sbatch"
 
