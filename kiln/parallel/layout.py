@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron.core.parallel_state import RankGenerator
-
 from kiln.config import ModelConfig, ParallelConfig, TrainConfig
 from kiln.errors import KilnConfigError
 
@@ -103,6 +101,10 @@ class ParallelLayout:
 
     def groups(self, axis: str) -> list[list[int]]:
         """Every group of ranks along ``axis`` ('tp', 'cp', 'pp', 'dp', or joined like 'tp-pp')."""
+        # megatron-core's own rank arithmetic; imported here so validating a layout (the launcher,
+        # before any process starts) does not load megatron-core.
+        from megatron.core.parallel_state import RankGenerator
+
         generator = RankGenerator(tp=self.tp, ep=1, dp=self.dp, pp=self.pp, cp=self.cp, order=MEGATRON_ORDER)
         return generator.get_ranks(axis)
 
