@@ -38,3 +38,14 @@ def test_step_overhead_bench_reports_mfu():
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MFU" in out.stdout and "ratio kiln / plain" in out.stdout
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_other_engines_train_on_gpu_in_bf16(engine, tmp_path):
+    """NCCL and CUDA tensors through the fsdp and deepspeed engines (kiln's own statistics included)."""
+    metrics = train(tmp_path / "run", 1, "train.device=cuda", "train.precision=bf16", "train.max_steps=20",
+                    "train.log_every=5", "logging.wandb=disabled", f"parallel.engine={engine}",
+                    "checkpoint.every=10", cache_dir=tmp_path / "cache")
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert (tmp_path / "run" / "checkpoints" / "step_000020" / "kiln-manifest.json").is_file()
