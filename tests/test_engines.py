@@ -25,6 +25,30 @@ FSDP = ("parallel.engine=fsdp",)
 REL_TOL = 1e-4
 
 
+# -- what fsdp cannot do is a config error naming what to use instead ----------------------
+@pytest.mark.parametrize("overrides,message", [
+    (("parallel.pp=2",), "use parallel.engine=megatron for pp > 1"),
+    (("parallel.tp=2", "parallel.sequence_parallel=true"), "set parallel.sequence_parallel=false"),
+    (("train.precision=fp16",), "needs parallel.engine=deepspeed"),
+    (("parallel.offload_optimizer=cpu",), "set parallel.offload_params=cpu instead"),
+    (("parallel.offload_params=nvme", "parallel.nvme_path=/nvme"), "offloads to cpu only"),
+    (("optim.distributed_optimizer=true",), "set optim.distributed_optimizer=false"),
+])
+def test_bad_fsdp_settings_are_config_errors(overrides, message):
+    from kiln.config import config_from_dict
+    from kiln.errors import KilnConfigError
+
+    with pytest.raises(KilnConfigError) as err:
+        config_from_dict({}, [*FSDP, *overrides])
+    assert message in str(err.value)
+
+
+def test_dry_run_describes_the_fsdp_engine():
+    out = kiln("train", "configs/tiny.yaml", "--dry-run", "--world-size", "2", *FSDP,
+               "parallel.reshard_after_forward=false", "parallel.offload_params=cpu").stdout
+    assert "engine fsdp (FSDP2, no reshard after forward, cpu offload)" in out
+
+
 # -- below the CLI: the Trainer's hooks and an update a callback skips -----------------------
 def _train_skipping_step_2(rank: int, engine: str) -> dict:
     """4 steps on synthetic tokens; a callback on every rank skips the update of step 2."""
