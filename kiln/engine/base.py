@@ -101,9 +101,10 @@ class Engine(abc.ABC):
         """Forward-only mean loss of each micro-batch (empty where no loss is computed)."""
 
     @property
-    @abc.abstractmethod
     def lr(self) -> float:
-        """The learning rate of the step that was applied last."""
+        """The learning rate of the step that was applied last (every engine's LR schedule drives
+        the param groups of its ``optimizer``)."""
+        return self.optimizer.param_groups[0]["lr"]
 
     @abc.abstractmethod
     def state_bytes(self) -> dict[str, int]:

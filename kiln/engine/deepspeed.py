@@ -288,10 +288,6 @@ class DeepSpeedEngine(Engine):
         self.engine.train()
         return losses
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def state_bytes(self) -> dict[str, int]:
         return memory_report(self)
 
@@ -307,7 +303,7 @@ class DeepSpeedEngine(Engine):
             self.checkpoint_template, dict(self.module.named_parameters()), full_values,
             dp=self.ctx.layout.dp, dp_rank=self.ctx.coords["dp"], rank=self.ctx.rank,
             half=self.train_config.precision != "fp32", is_loading=is_loading,
-            common={} if is_loading else self._common_state(), request=portable_request(saved))
+            common={} if is_loading else self._common_state(), request=portable_state.request_for(saved))
 
     def _common_state(self) -> dict[str, Any]:
         steps = {int(state["step"]) for state in self.base_optimizer.state.values() if "step" in state}
@@ -353,14 +349,6 @@ class DeepSpeedEngine(Engine):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_scheduler_state(self.scheduler, state["scheduler"])
-
-
-def portable_request(saved: SavedEngine | None) -> portable_state.PortableRequest | None:
-    """What to read from a checkpoint: a portable one as written, a megatron one by its keys."""
-    if saved is None:
-        return None
-    return portable_state.PortableRequest(master=portable_state.master_name_in(saved.tensor_keys),
-                                          has_common=saved.checkpoint_format == "portable")
 
 
 def init_adam_state(adam: torch.optim.Optimizer, partitions: list[torch.Tensor]) -> None:

@@ -24,7 +24,6 @@ import torch
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine import portable_state
 from kiln.engine.base import Engine, SavedEngine, StepResult
-from kiln.engine.deepspeed import portable_request
 from kiln.engine.forward import TokenBatches, mean_loss
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, param_groups, scheduler_state
 from kiln.errors import KilnConfigError
@@ -180,10 +179,6 @@ class FSDPEngine(Engine):
         self.module.train()
         return losses
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def state_bytes(self) -> dict[str, int]:
         """Measured shards: parameters (fp32 masters) and Adam's moments; gradients by rule (this
         rank's fp32 shard of each, allocated during backward)."""
@@ -205,7 +200,7 @@ class FSDPEngine(Engine):
             self.checkpoint_template, dict(self.module.named_parameters()), full_values,
             dp=self.ctx.layout.dp, dp_rank=self.ctx.coords["dp"], rank=self.ctx.rank,
             half=self.train_config.precision != "fp32", is_loading=is_loading,
-            common={} if is_loading else {"adam_step": self._adam_step()}, request=portable_request(saved))
+            common={} if is_loading else {"adam_step": self._adam_step()}, request=portable_state.request_for(saved))
 
     def _adam_step(self) -> int:
         steps = {int(state["step"]) for state in self.optimizer.state.values() if "step" in state}

@@ -140,10 +140,6 @@ class MegatronEngine(Engine):
             model.train()
         return losses
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def state_bytes(self) -> dict[str, int]:
         """Parameters and DDP gradient buffers as allocated; Adam's moments (created at the first
         step) by rule: two fp32 values per element of each master parameter, plus the fp32 master

@@ -100,6 +100,14 @@ class PortableRequest:
     has_common: bool  # written by a portable engine (its Adam step is a ShardedObject)
 
 
+def request_for(saved) -> PortableRequest | None:
+    """What to read from a checkpoint (a ``SavedEngine``, or None when saving): a portable one as
+    written, a megatron one by the tensor names it holds."""
+    if saved is None:
+        return None
+    return PortableRequest(master=master_name_in(saved.tensor_keys), has_common=saved.checkpoint_format == "portable")
+
+
 def sharded_state(template: dict[str, Any], params: dict[str, torch.nn.Parameter],
                   full_values: Callable[[str, torch.nn.Parameter], dict[str, torch.Tensor]],
                   *, dp: int, dp_rank: int, rank: int, half: bool, is_loading: bool, common: dict[str, Any],
