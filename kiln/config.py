@@ -123,8 +123,25 @@ class ParallelConfig:
     false keeps them until backward: less communication, more memory (ZeRO-2 style)."""
     nvme_path: str | None = None
     """Directory on a local NVMe drive for offload to nvme."""
+    overlap_grad_reduce: bool = True
+    """engine=megatron on GPUs: reduce each gradient bucket over dp while backward computes the rest."""
+    overlap_param_gather: bool = True
+    """engine=megatron on GPUs with optim.distributed_optimizer: all-gather the updated parameter
+    shards bucket by bucket during the next step's forward instead of after the optimizer step."""
+    ddp_bucket_size: int | None = None
+    """engine=megatron: gradient bucket size in elements; None: Megatron-LM's max(40M, 1M × dp)."""
+    overlap_p2p_comm: bool = True
+    """Interleaved pipelines (virtual_pp > 1) on GPUs: overlap stage-to-stage sends with compute."""
+    tp_comm_overlap: bool = False
+    """Overlap TP all-gather/reduce-scatter with the GEMMs (Transformer Engine userbuffers, GPU only);
+    needs sequence_parallel and the TE layer spec."""
 
     def __post_init__(self) -> None:
+        _check(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1,
+               f"parallel.ddp_bucket_size must be >= 1 element (or null for the default), got {self.ddp_bucket_size}")
+        _check(not self.tp_comm_overlap or self.sequence_parallel,
+               "parallel.tp_comm_overlap overlaps the sequence-parallel all-gather/reduce-scatter with GEMMs: "
+               "set parallel.sequence_parallel=true (with tp > 1) or parallel.tp_comm_overlap=false")
         for name in ("tp", "pp", "cp"):
             _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dp is None or self.dp >= 1, f"parallel.dp must be >= 1 (or omitted), got {self.dp}")
@@ -282,10 +299,33 @@ class TrainConfig:
     """Print a console line and append a metrics.jsonl record every N steps."""
     run_dir: str | None = None
     """Run directory; None makes runs/<config name>-<timestamp>."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (megatron-core): selective recomputes recompute_modules (default the
+    attention core) in backward; full recomputes whole layers (recompute_method, recompute_num_layers)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """recompute=full: uniform checkpoints every group of recompute_num_layers layers; block
+    checkpoints only the first recompute_num_layers layers of each pipeline stage."""
+    recompute_num_layers: int = 1
+    """recompute=full: layers per recomputed group (uniform) or recomputed layers per stage (block)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """recompute=selective: megatron-core's recompute_modules (core_attn, mlp, layernorm, ...)."""
+    gc_every: int = 50
+    """Python garbage collection only every N steps, on all ranks at once (Megatron's --manual-gc):
+    an automatic collection on one rank stalls every other rank at the next collective. 0: automatic."""
+    tf32: bool = True
+    """precision=fp32 on GPUs: TF32 tensor-core matmuls and convolutions (10-bit mantissa products)."""
+    peak_tflops: float | None = None
+    """The accelerator's dense peak TFLOP/s for MFU; None looks the GPU up (kiln.plan.flops.PEAKS)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
+        for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_every", "recompute_num_layers"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.gc_every >= 0, f"train.gc_every must be >= 0 (0: automatic collection), got {self.gc_every}")
+        _check(self.peak_tflops is None or self.peak_tflops > 0,
+               f"train.peak_tflops must be > 0 (or null to look the GPU up), got {self.peak_tflops}")
+        _check(self.recompute == "selective" or self.recompute_modules == ["core_attn"],
+               f"train.recompute_modules={self.recompute_modules} only applies to train.recompute=selective "
+               f"(it is {self.recompute}); set train.recompute=selective or drop train.recompute_modules")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -80,7 +80,7 @@ def run(config: RunConfig) -> list[dict]:
     checkpointer = CheckpointManager(config.checkpoint, ctx, run_dir, config.model, config.to_dict())
     checkpointer.prepare()
     resume_from = checkpointer.find_resume_point()  # before building anything: a bad one stops here
-    preemption = PreemptionWatcher(ctx.device) if config.checkpoint.save_on_signal else None
+    preemption = PreemptionWatcher() if config.checkpoint.save_on_signal else None
     trainer = batches = engine = None
     try:
         batches, vocab_size = build_batches(config.data, config.train, config.model, ctx)

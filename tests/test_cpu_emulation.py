@@ -57,7 +57,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 config = config_from_dict({}, ["model.num_attention_heads=4", "model.num_query_groups=2", "train.precision=fp32"])
 ctx = init_parallel(config.train.device, config.train.seed, config.layout)
-tc = transformer_config(config.model, config.parallel, config.train.precision, ctx)
+tc = transformer_config(config.model, config.parallel, config.train, ctx)
 ref = DotProductAttention(tc, 1, AttnMaskType.causal, "self", pg_collection=ctx.pg_collection)
 ours = SDPAttention(tc, 1, AttnMaskType.causal, "self")
 g = torch.Generator().manual_seed(0)

@@ -61,6 +61,12 @@ def test_baseline_learns(baseline):
     "name,model,layout",
     [
         ("tp2", "2 layers", ("parallel.tp=2",)),
+        # The 8B/70B presets' settings on the local spec (kiln's norm sums its gains' gradients over TP).
+        ("tp2-sequence-parallel", "2 layers", ("parallel.tp=2", "parallel.sequence_parallel=true")),
+        # Recomputed layers redo the TP-rank dropout streams and collectives of the first pass.
+        ("tp2-sequence-parallel-full-recompute", "2 layers",
+         ("parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=full")),
+        ("dp2-selective-recompute", "2 layers", ("train.recompute=selective",)),
         ("pp2", "2 layers", ("parallel.pp=2",)),
         ("dp2", "2 layers", ()),
         ("dp2-distributed-optimizer", "2 layers", ("optim.distributed_optimizer=true",)),

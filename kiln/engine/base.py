@@ -62,6 +62,9 @@ class Engine(abc.ABC):
     """Other engines' formats this one can also load."""
     options_section: ClassVar[str | None] = None
     """A top-level run-config section of extra settings for this engine only (e.g. ``deepspeed:``)."""
+    accumulates_main_grad: ClassVar[bool] = False
+    """Gradients accumulate in megatron-core DDP's fp32 ``param.main_grad`` (which lets TE's GEMMs
+    write weight gradients there directly: gradient-accumulation fusion)."""
 
     def __init__(self, *, model: ModelConfig, optim: OptimConfig, parallel: ParallelConfig, train: TrainConfig,
                  ctx) -> None:

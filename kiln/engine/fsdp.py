@@ -148,8 +148,8 @@ class FSDPEngine(Engine):
         for name, param in self.module.named_parameters():
             if param.grad is not None and (self._tp_split[name] or tp_rank == 0):
                 local += _local(param.grad).detach().double().pow(2).sum()
-        (over_dp,) = collectives.reduce_floats([float(local)], self.ctx.device, group=self.dp_group)
-        (total,) = collectives.reduce_floats([over_dp], self.ctx.device, group=self.tp_group)
+        (over_dp,) = collectives.reduce_floats([float(local)], group=self.dp_group)
+        (total,) = collectives.reduce_floats([over_dp], group=self.tp_group)
         return total ** 0.5
 
     def optimizer_step(self, result: StepResult, *, skip: bool = False) -> StepResult:

@@ -32,6 +32,7 @@ def _loss_func(output_tensor: torch.Tensor):
 class MegatronEngine(Engine):
     name = "megatron"
     checkpoint_format = "megatron"
+    accumulates_main_grad = True
 
     @classmethod
     def validate(cls, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig) -> None:

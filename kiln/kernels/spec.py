@@ -2,38 +2,85 @@
 
 TE's spec (fused RMSNorm+linear, FlashAttention/cuDNN attention, FP8-capable GEMMs) is used
 when TE imports and a GPU is present; everywhere else the local spec runs the same
-architecture in plain PyTorch, with attention through PyTorch SDPA (kiln.kernels.attention).
-The fallback is announced once, never silent.
+architecture in plain PyTorch, with attention through PyTorch SDPA (kiln.kernels.attention)
+and kiln's RMSNorm (kiln.kernels.norm, which, unlike megatron-core's torch norm, works with
+sequence parallelism). The fallback is announced once, never silent.
+
+Both specs save the same checkpoint keys: the local spec maps its norms onto TE's fused
+names (megatron-core's ``sharded_state_dict_keys_map``), so a CPU rehearsal's checkpoint
+continues on a GPU cluster and back (TE's extra FP8 state is handled at load).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 
 log = logging.getLogger(__name__)
 
+# What megatron-core itself imports before it offers the TE spec (megatron.core.extensions.
+# transformer_engine): the package, its PyTorch half, and the FP8 state manager in it.
+_TE_MODULES = ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.fp8")
+
 
 @functools.cache
+def transformer_engine_missing() -> str | None:
+    """None when megatron-core can use Transformer Engine here; else which part is missing and why."""
+    for module in _TE_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # ImportError, or a TE build that does not match this torch/CUDA
+            return f"{module} does not import ({type(error).__name__}: {error})"
+    from megatron.core.extensions import transformer_engine as mcore_te
+
+    if not getattr(mcore_te, "HAVE_TE", False):
+        return "megatron-core's Transformer Engine extension did not load TE"
+    return None
+
+
 def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
-        return False
-    return True
+    return transformer_engine_missing() is None
+
+
+def uses_transformer_engine(device_type: str) -> bool:
+    return device_type == "cuda" and transformer_engine_available()
 
 
 def select_layer_spec(device_type: str):
     """megatron-core ModuleSpec of one transformer layer for this device."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if device_type == "cuda" and transformer_engine_available():
+    if uses_transformer_engine(device_type):
         log.info("kernels: Transformer Engine layer spec")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     from kiln.kernels.attention import SDPAttention
+    from kiln.kernels.norm import RMSNorm
 
-    reason = "no GPU" if device_type != "cuda" else "transformer-engine is not installed (pip install 'kiln[gpu]')"
+    if device_type != "cuda":
+        reason = "no GPU"
+    else:
+        reason = f"Transformer Engine unusable: {transformer_engine_missing()}; pip install 'kiln[gpu]'"
     log.info("kernels: megatron-core local layer spec with PyTorch SDPA attention (%s)", reason)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
+
+
+def select_block_spec(tconfig, device_type: str, *, vp_stage: int | None, pp_rank: int):
+    """The decoder block of one model chunk: its layers' spec and its final norm.
+
+    Built here rather than left to megatron-core, which gives a bare layer spec the torch norm
+    as final norm when TE is absent (and that norm refuses sequence parallelism).
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = select_layer_spec(device_type)
+    if uses_transformer_engine(device_type):
+        return layer
+    from kiln.kernels.norm import RMSNorm
+
+    layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import ModelConfig, ParallelConfig, TrainConfig
-from kiln.kernels.spec import select_layer_spec
+from kiln.kernels.fusions import fusion_settings
+from kiln.kernels.spec import select_block_spec, uses_transformer_engine
 from kiln.model.init import init_weights
 from kiln.parallel.backend import ParallelContext
 from kiln.plan.params import count_parameters, human_exact, padded_vocab_size
@@ -26,12 +27,17 @@ def _leave_uninitialised(tensor: torch.Tensor) -> None:
     pass
 
 
-def transformer_config(m: ModelConfig, parallel: ParallelConfig, precision: str, ctx: ParallelContext):
+def transformer_config(m: ModelConfig, parallel: ParallelConfig, train: TrainConfig, ctx: ParallelContext):
     """megatron-core TransformerConfig for the run: RMSNorm, SwiGLU, no biases, no dropout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    layout = ctx.layout
+    from kiln.engine import engine_class
+
+    layout, precision, device_type = ctx.layout, train.precision, ctx.device.type
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    # Stage-to-stage sends overlap compute only in the interleaved schedule, and only as
+    # separate (not batched) isend/irecv calls.
+    overlap_p2p = device_type == "cuda" and parallel.overlap_p2p_comm and layout.virtual_pp is not None
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -63,15 +69,24 @@ def transformer_config(m: ModelConfig, parallel: ParallelConfig, precision: str,
         init_method=_leave_uninitialised,
         output_layer_init_method=_leave_uninitialised,
         use_cpu_initialization=False,
-        # Fusions that need apex/TE kernels; TE's own spec fuses what it can on GPU.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **fusion_settings(device_type, transformer_engine=uses_transformer_engine(device_type),
+                          main_grad=engine_class(parallel.engine).accumulates_main_grad),
+        **recompute_settings(train),
         deallocate_pipeline_outputs=True,
+        overlap_p2p_comm=overlap_p2p,
+        batch_p2p_comm=not overlap_p2p,
+        tp_comm_overlap=parallel.tp_comm_overlap,
     )
+
+
+def recompute_settings(train: TrainConfig) -> dict[str, object]:
+    """megatron-core's activation recomputation options for train.recompute."""
+    if train.recompute == "none":
+        return {}
+    if train.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(train.recompute_modules))
+    return dict(recompute_granularity="full", recompute_method=train.recompute_method,
+                recompute_num_layers=train.recompute_num_layers)
 
 
 def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, ctx: ParallelContext,
@@ -79,8 +94,7 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
     """This rank's model chunks, on its device, with weights initialised from train.seed."""
     from megatron.core.models.gpt import GPTModel
 
-    tconfig = transformer_config(model_config, parallel, train.precision, ctx)
-    spec = select_layer_spec(ctx.device.type)
+    tconfig = transformer_config(model_config, parallel, train, ctx)
     layout, coords = ctx.layout, ctx.coords
     chunks = layout.virtual_pp or 1
     padded = padded_vocab_size(vocab_size, model_config, layout.tp)
@@ -88,7 +102,8 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
     for vp_stage in range(chunks):
         model = GPTModel(
             config=tconfig,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=select_block_spec(tconfig, ctx.device.type, pp_rank=coords["pp"],
+                                                     vp_stage=vp_stage if layout.virtual_pp else None),
             vocab_size=padded,
             max_sequence_length=model_config.seq_len,
             pre_process=coords["pp"] == 0 and vp_stage == 0,

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.errors import KilnEnvironmentError
+from kiln.parallel import collectives
 from kiln.parallel.layout import MEGATRON_ORDER, ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def init_parallel(device: str, seed: int, layout_for: Callable[[int], ParallelLa
         device = torch.device("cpu")
     if not dist.is_initialized():
         _init_default_group(device_type)
+    collectives.bind_device(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = layout_for(world)
 

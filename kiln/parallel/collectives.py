@@ -1,11 +1,13 @@
 """kiln's own collectives: the one place outside megatron-core, DeepSpeed and torch FSDP that
 talks to ``torch.distributed``.
 
-Every statistic kiln reduces (losses, evaluation, data wait, the preemption flag) is built
-here on the run's device. That matters on GPUs: NCCL only reduces CUDA tensors, so a CPU
-tensor that gloo happily sums fails there at the first logged step ("No backend type
-associated with device type cpu"). Object collectives (pickled Python values) and barriers
-go through here too, so a test can hold every other module to "no direct collectives".
+Every statistic kiln reduces (losses, evaluation, data wait, the preemption flag, the fsdp
+engine's grad norm) is built here on the run's device. That matters on GPUs: NCCL only
+reduces CUDA tensors, so a CPU tensor that gloo happily sums fails there at the first logged
+step ("No backend type associated with device type cpu"). The device is bound once, by
+:func:`kiln.parallel.backend.init_parallel`, and no caller passes one: a statistic on the
+wrong device cannot be written. Object collectives (pickled Python values) and barriers go
+through here too, so a test can hold every other module to "no direct collectives".
 """
 
 from __future__ import annotations
@@ -16,22 +18,36 @@ import torch
 import torch.distributed as dist
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+_device: torch.device | None = None
 
 
-def reduce_floats(values: Sequence[float], device: torch.device, op: str = "sum", group=None) -> list[float]:
-    """Element-wise ``op`` of ``values`` over ``group`` (default: the world), on ``device``."""
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+def bind_device(device: torch.device) -> None:
+    """The device every reduced tensor lives on: the rank's GPU under NCCL, the CPU under gloo."""
+    global _device
+    _device = torch.device(device)
+
+
+def bound_device() -> torch.device:
+    if _device is None:
+        raise RuntimeError("kiln.parallel.collectives: no device bound; init_parallel binds the run's device")
+    return _device
+
+
+def reduce_floats(values: Sequence[float], op: str = "sum", group=None) -> list[float]:
+    """Element-wise ``op`` of ``values`` over ``group`` (default: the world), on the bound device."""
+    # float64 on CUDA too: NCCL reduces doubles, and token counts pass 2**24 quickly.
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=bound_device())
     dist.all_reduce(tensor, op=_OPS[op], group=group)
     return tensor.tolist()
 
 
-def mean_over_holders(value: float | None, device: torch.device, group=None) -> float:
+def mean_over_holders(value: float | None, group=None) -> float:
     """The mean of ``value`` over the ranks that have one (the others pass None).
 
     With pipelines only the last stage has a loss; every last-stage rank of a replica holds
     the same (tp, cp) value, so the mean over holders is the mean over data-parallel replicas.
     """
-    total, holders = reduce_floats([value or 0.0, 0.0 if value is None else 1.0], device, group=group)
+    total, holders = reduce_floats([value or 0.0, 0.0 if value is None else 1.0], group=group)
     return total / holders if holders else float("nan")
 
 

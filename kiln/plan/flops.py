@@ -6,8 +6,27 @@ import torch
 
 from kiln.config import ModelConfig
 
-# Dense bf16 peak (no sparsity), FLOP/s, by substring of the device name.
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12}
+# Dense peak FLOP/s (no 2:4 sparsity) of each accelerator, as (bf16, fp8), from NVIDIA's data
+# sheets. Matched against torch.cuda.get_device_name() in this order, so that a variant is
+# found before its family ("H100 PCIe" before "H100", "L40S" before "L40", "GH200" before
+# "H200"). The plain "H100" row is the SXM part (its name is e.g. "NVIDIA H100 80GB HBM3").
+# TF32 (fp32 runs) is half the bf16 peak on every part listed.
+PEAKS: tuple[tuple[str, float, float | None], ...] = (
+    ("GH200", 989e12, 1979e12),
+    ("H100 PCIe", 756e12, 1513e12),
+    ("H100 NVL", 835e12, 1671e12),
+    ("H200 NVL", 835e12, 1671e12),
+    ("H100", 989e12, 1979e12),
+    ("H200", 989e12, 1979e12),
+    ("H800 PCIe", 756e12, 1513e12),
+    ("H800", 989e12, 1979e12),
+    ("B200", 2250e12, 4500e12),
+    ("A100", 312e12, None),
+    ("A800", 312e12, None),
+    ("L40S", 362e12, 733e12),
+    ("L40", 181e12, 362e12),
+    ("L4", 121e12, 242e12),
+)
 
 
 def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
@@ -23,12 +42,23 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     return 6.0 * matmul_params + 12.0 * layers * h * s
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of this device, or None where unknown (CPU)."""
+def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
+    """Peak dense FLOP/s of this device at ``precision``, or None where unknown (CPU, other GPUs)."""
+    return peak_for(device, precision)[0]
+
+
+def peak_for(device: torch.device, precision: str = "bf16") -> tuple[float | None, str]:
+    """(peak FLOP/s or None, the sentence a run logs at start to say which peak its MFU uses)."""
     if device.type != "cuda":
-        return None
+        return None, "MFU: not reported on CPU (no peak FLOP/s)"
     name = torch.cuda.get_device_name(device)
-    for key, value in _PEAK_BF16.items():
+    for key, bf16, fp8 in PEAKS:
         if key in name:
-            return value
-    return None
+            if precision == "fp8":
+                if fp8 is None:
+                    return None, f"MFU: not reported: {name} has no fp8 tensor cores"
+                return fp8, f"MFU against {name} = {key}: {fp8 / 1e12:.0f} TFLOP/s dense fp8"
+            peak, kind = (bf16 / 2, "tf32") if precision == "fp32" else (bf16, precision)
+            return peak, f"MFU against {name} = {key}: {peak / 1e12:.0f} TFLOP/s dense {kind}"
+    return None, (f"MFU: not reported: no peak FLOP/s known for {name} "
+                  f"(add it to kiln.plan.flops.PEAKS; TFLOP/s per GPU is still logged)")

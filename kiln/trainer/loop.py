@@ -75,7 +75,7 @@ class Trainer:
     # -- what callbacks may use ------------------------------------------------------------
     def global_loss(self, result: StepResult) -> float:
         """This step's loss averaged over data-parallel replicas (a collective: call it on every rank)."""
-        return collectives.mean_over_holders(result.loss, self.ctx.device)
+        return collectives.mean_over_holders(result.loss)
 
     def request_rollback(self) -> None:
         """Reload the newest checkpoint before the next step (call on every rank)."""
@@ -104,7 +104,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the validation micro-batches (forward only, the same layout)."""
         losses = self.engine.eval_losses(self.val_batches)
-        loss = collectives.mean_over_holders(sum(losses) / len(losses) if losses else None, self.ctx.device)
+        loss = collectives.mean_over_holders(sum(losses) / len(losses) if losses else None)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def _evaluation_due(self) -> bool:
@@ -178,7 +178,7 @@ class Trainer:
 
     def _data_wait_fraction(self, window_s: float) -> float:
         """Share of the logging window the slowest rank spent blocked on its data loader."""
-        (wait,) = collectives.reduce_floats([self._data_wait_s / max(window_s, 1e-9)], self.ctx.device, op="max")
+        (wait,) = collectives.reduce_floats([self._data_wait_s / max(window_s, 1e-9)], op="max")
         self._data_wait_s = 0.0
         return wait
 

@@ -17,8 +17,6 @@ import os
 import signal
 import threading
 
-import torch
-
 from kiln.parallel import collectives
 
 log = logging.getLogger("kiln")
@@ -38,8 +36,7 @@ class TrainingPreempted(Exception):
 class PreemptionWatcher:
     MIN_GRACE_S = 30.0
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self.received: int | None = None
         self.step_time_s = 0.0  # the loop keeps it current; the watchdog allows a few steps
         self._watchdog: threading.Timer | None = None
@@ -56,7 +53,7 @@ class PreemptionWatcher:
 
     def requested(self) -> int | None:
         """The stop signal if any rank received one, else None (collective, one tiny all-reduce)."""
-        (flag,) = collectives.reduce_floats([self.received or 0], self.device, op="max")
+        (flag,) = collectives.reduce_floats([self.received or 0], op="max")
         signum = int(flag) or None
         if signum is not None and self._watchdog is not None:
             self._watchdog.cancel()  # every rank is alive and at the boundary: the save may take its time
