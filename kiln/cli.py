@@ -126,7 +126,9 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
         "-m", "kiln.cli", "train", args.config, *args.overrides,
     ]
     launch_id = uuid.uuid4().hex
-    env = dict(os.environ, KILN_LAUNCH_ID=launch_id)
+    from kiln.parallel.backend import worker_environment
+
+    env = dict(os.environ, KILN_LAUNCH_ID=launch_id, **worker_environment(config.parallel, config.train.device))
     # With the rendezvous store shared into the workers (torchrun's default), restarted workers
     # read the dead attempt's addresses and fail to connect (pytorch/pytorch#135712).
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")

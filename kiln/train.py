@@ -60,15 +60,22 @@ def run(config: RunConfig) -> list[dict]:
     from kiln.data.setup import build_batches, build_val_batches
     from kiln.engine import engine_class
     from kiln.parallel import collectives
-    from kiln.parallel.backend import destroy_parallel, init_parallel, resolve_device
-    from kiln.plan.flops import flops_per_token, peak_flops
+    from kiln.parallel.backend import destroy_parallel, init_parallel, resolve_device, worker_environment
+    from kiln.plan.flops import flops_per_token, peak_for
     from kiln.trainer.callbacks import build_callbacks
+    from kiln.trainer.garbage import ScheduledGarbageCollection
     from kiln.trainer.loop import Trainer
     from kiln.trainer.preemption import PreemptionWatcher
 
+    os.environ.update(worker_environment(config.parallel, config.train.device))  # for runs not started by the CLI
     engine_class(config.parallel.engine).check_environment(config.parallel, config.train,
                                                            resolve_device(config.train.device))
     ctx = init_parallel(config.train.device, config.train.seed, config.layout)
+    if ctx.device.type == "cuda":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.train.tf32
+    peak, peak_note = peak_for(ctx.device, config.train.precision, config.train.peak_tflops)
     run_dir = Path(collectives.broadcast_object(config.train.run_dir or default_run_dir(config)))
     config.train.run_dir = str(run_dir)
     setup_logging(ctx.rank, run_dir / "logs", config.logging.all_ranks)
@@ -77,6 +84,7 @@ def run(config: RunConfig) -> list[dict]:
         dump_config(config, run_dir / "config.yaml")
         log.info(f"run directory: {run_dir.resolve()}")
         log.info("layout: " + ctx.layout.describe(max_groups=4).replace("\n", "\n[kiln]   "))
+        log.info(peak_note)
     checkpointer = CheckpointManager(config.checkpoint, ctx, run_dir, config.model, config.to_dict())
     checkpointer.prepare()
     resume_from = checkpointer.find_resume_point()  # before building anything: a bad one stops here
@@ -89,11 +97,12 @@ def run(config: RunConfig) -> list[dict]:
         trainer = Trainer(
             train=config.train, data=config.data, seq_len=config.model.seq_len, ctx=ctx, engine=engine,
             batches=batches,
-            callbacks=build_callbacks(config.logging, rank=ctx.rank, run_dir=run_dir, max_steps=config.train.max_steps,
-                                      run_config=config.to_dict()),
+            callbacks=[*build_callbacks(config.logging, rank=ctx.rank, run_dir=run_dir,
+                                        max_steps=config.train.max_steps, run_config=config.to_dict()),
+                       *([ScheduledGarbageCollection(config.train.gc_every)] if config.train.gc_every else [])],
             checkpoint_every=config.checkpoint.every, checkpointer=checkpointer, preemption=preemption,
             val_batches=build_val_batches(config.data, config.train, ctx),
-            flops_per_token=flops_per_token(config.model, vocab_size), peak_flops=peak_flops(ctx.device),
+            flops_per_token=flops_per_token(config.model, vocab_size), peak_flops=peak,
         )
         if resume_from is not None:
             checkpointer.load(resume_from, engine, trainer.checkpoint_parts())

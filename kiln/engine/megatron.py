@@ -53,20 +53,27 @@ class MegatronEngine(Engine):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        ctx, o = self.ctx, self.optim_config
+        ctx, o, p = self.ctx, self.optim_config, self.parallel_config
         tconfig = model_parts[0].config
+        cuda = ctx.device.type == "cuda"
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            # Overlap needs a second CUDA stream; on CPU (gloo) it would only add hooks.
+            overlap_grad_reduce=cuda and p.overlap_grad_reduce,
+            overlap_param_gather=cuda and p.overlap_param_gather and o.distributed_optimizer,
+            # With pipelines, each chunk's all-gather is launched by the schedule, in stage order.
+            align_param_gather=ctx.layout.pp > 1,
             use_distributed_optimizer=o.distributed_optimizer,
-            average_in_collective=ctx.device.type == "cuda",  # gloo has no AVG reduction
+            bucket_size=p.ddp_bucket_size or max(40_000_000, 1_000_000 * ctx.layout.dp),
+            average_in_collective=cuda,  # gloo has no AVG reduction
         )
         self.models = [
             DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=part, pg_collection=ctx.pg_collection,
                                     # Bucketing only pays off when overlapping communication on a GPU.
-                                    disable_bucketing=(index > 0) or ctx.device.type != "cuda")
+                                    disable_bucketing=(index > 0) or not cuda)
             for index, part in enumerate(model_parts)
         ]
+        self._overlaps_param_gather = ddp_config.overlap_param_gather
         bf16 = self.train_config.precision == "bf16"
         # megatron-core's default grouping exempts biases and 1-D parameters (norm gains) from weight decay.
         self.optimizer = get_megatron_optimizer(
@@ -75,12 +82,15 @@ class MegatronEngine(Engine):
                             params_dtype=torch.bfloat16 if bf16 else torch.float32,
                             use_distributed_optimizer=o.distributed_optimizer),
             self.models, pg_collection=ctx.pg_collection, use_gloo_process_groups=False)
+        if cuda:
+            use_fused_torch_adam(self.optimizer)
         self.scheduler = build_lr_scheduler(o, self.train_config.max_steps, self.optimizer)
         # How the schedules finish a step's gradients: all-reduce over dp (and the tied embedding
         # over first/last stage), with the loss scale applied by the optimizer.
         tconfig.finalize_model_grads_func = finalize_model_grads
         tconfig.grad_scale_func = self.optimizer.scale_loss
         layout = ctx.layout
+        self._hand_communication_to_the_schedule(tconfig, ddp_config, layout.pp)
         self._schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=layout.virtual_pp)
         self._schedule_groups: dict[str, Any] = {"pg_collection": ctx.pg_collection}
         if layout.pp > 1:
@@ -90,6 +100,24 @@ class MegatronEngine(Engine):
         self._batches = TokenBatches(self.model_config.seq_len, ctx.device)
         for model in self.models:
             model.train()
+
+    def _hand_communication_to_the_schedule(self, tconfig, ddp_config, pp: int) -> None:
+        """What the schedules call so that overlapped reductions and gathers happen once per step.
+
+        With ``overlap_grad_reduce`` a bucket's reduction starts as soon as its gradients are
+        ready, so every micro-batch but the last must run under ``no_sync``. With pipelines the
+        schedule also starts each chunk's reduction (and, with overlapped parameter gathers,
+        each chunk's all-gather) itself, in stage order, as Megatron-LM does.
+        """
+        def per_chunk(functions):
+            return functions[0] if len(functions) == 1 else functions
+
+        if ddp_config.overlap_grad_reduce:
+            tconfig.no_sync_func = per_chunk([model.no_sync for model in self.models])
+            if pp > 1:
+                tconfig.grad_sync_func = per_chunk([model.start_grad_sync for model in self.models])
+        if ddp_config.overlap_param_gather and pp > 1:
+            tconfig.param_sync_func = per_chunk([model.start_param_sync for model in self.models])
 
     @property
     def model_parts(self) -> list[torch.nn.Module]:
@@ -120,8 +148,9 @@ class MegatronEngine(Engine):
         for model in self.models:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = [float(d["lm loss"]) for d in self._schedule(**self._schedule_args(micro_batches, forward_only=False))]
-        return StepResult(loss=sum(losses) / len(losses) if losses else None)  # only the last stage has losses
+        losses = [d["lm loss"] for d in self._schedule(**self._schedule_args(micro_batches, forward_only=False))]
+        # One device-to-host copy per step, not one per micro-batch (each would wait for the GPU).
+        return StepResult(loss=float(torch.stack(losses).mean()) if losses else None)  # only the last stage has losses
 
     def optimizer_step(self, result: StepResult, *, skip: bool = False) -> StepResult:
         if skip:  # gradients are dropped at the next forward_backward (zero_grad_buffer)
@@ -136,10 +165,10 @@ class MegatronEngine(Engine):
         for model in self.models:
             model.eval()
         with torch.no_grad():
-            losses = [float(d["lm loss"]) for d in self._schedule(**self._schedule_args(micro_batches, forward_only=True))]
+            losses = [d["lm loss"] for d in self._schedule(**self._schedule_args(micro_batches, forward_only=True))]
         for model in self.models:
             model.train()
-        return losses
+        return torch.stack(losses).tolist() if losses else []
 
     def state_bytes(self) -> dict[str, int]:
         """Parameters and DDP gradient buffers as allocated; Adam's moments (created at the first
@@ -159,12 +188,21 @@ class MegatronEngine(Engine):
     def sharded_state_dict(self, *, is_loading: bool, saved: SavedEngine | None = None) -> dict[str, Any]:
         if is_loading:
             ensure_adam_state(self.optimizer)
+        elif self._overlaps_param_gather:
+            self._gather_updated_params()
         state = {f"model{i}": model.module.sharded_state_dict() for i, model in enumerate(self.models)}
         # The optimizer maps its params to the model's ShardedTensors through all chunks (nested,
         # not merged: interleaved chunks share local key names).
         state["optimizer"] = self.optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                                metadata=OPTIMIZER_METADATA)
         return state
+
+    def _gather_updated_params(self) -> None:
+        """With overlapped parameter gathers the last update reaches the model's (bf16) weights
+        only during the next forward; a checkpoint must not save the weights before it."""
+        for model in self.models:
+            model.disable_forward_pre_hook(param_sync=True)
+            model.enable_forward_pre_hook()
 
     def load_sharded_state_dict(self, loaded: dict[str, Any], saved: SavedEngine) -> None:
         for index, model in enumerate(self.models):
@@ -177,6 +215,20 @@ class MegatronEngine(Engine):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_scheduler_state(self.scheduler, state["scheduler"])
+
+
+def use_fused_torch_adam(optimizer) -> None:
+    """Switch megatron-core's torch AdamW (used when neither TE nor Apex is installed) to torch's
+    fused CUDA kernel: one launch for all parameters instead of a few per tensor.
+
+    megatron-core builds it without options; torch reads ``fused`` from the parameter group at
+    every step, so setting it afterwards is enough. TE's and Apex's FusedAdam are left alone.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = inner.optimizer
+        if type(adam) in (torch.optim.Adam, torch.optim.AdamW):
+            for group in adam.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 ENGINE = MegatronEngine

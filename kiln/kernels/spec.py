@@ -84,3 +84,22 @@ def select_block_spec(tconfig, device_type: str, *, vp_stage: int | None, pp_ran
 
     layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm)
+
+
+def initialize_tp_comm_overlap(model_config, train_config, ctx) -> None:
+    """Transformer Engine's userbuffers for overlapping TP communication with the GEMMs.
+
+    Sized as Megatron-LM sizes them: one sequence-parallel activation of a micro-batch,
+    [seq_len × micro_batch / cp, hidden]. Must run before the model is built.
+    """
+    from kiln.errors import KilnEnvironmentError
+
+    if not uses_transformer_engine(ctx.device.type):
+        why = "no GPU" if ctx.device.type != "cuda" else transformer_engine_missing()
+        raise KilnEnvironmentError(f"parallel.tp_comm_overlap needs Transformer Engine on GPUs ({why}); "
+                                   "set parallel.tp_comm_overlap=false")
+    from transformer_engine.pytorch import module as te_module
+
+    shape = [model_config.seq_len * train_config.micro_batch_size // ctx.layout.cp, model_config.hidden_size]
+    te_module.base.initialize_ub(shape=shape, tp_size=ctx.layout.tp, use_fp8=False, bootstrap_backend="nccl")
+    log.info("kernels: TP communication overlapped with GEMMs (TE userbuffers, %s)", shape)

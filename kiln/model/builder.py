@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kiln.config import ModelConfig, ParallelConfig, TrainConfig
 from kiln.kernels.fusions import fusion_settings
-from kiln.kernels.spec import select_block_spec, uses_transformer_engine
+from kiln.kernels.spec import initialize_tp_comm_overlap, select_block_spec, uses_transformer_engine
 from kiln.model.init import init_weights
 from kiln.parallel.backend import ParallelContext
 from kiln.plan.params import count_parameters, human_exact, padded_vocab_size
@@ -94,6 +94,8 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
     """This rank's model chunks, on its device, with weights initialised from train.seed."""
     from megatron.core.models.gpt import GPTModel
 
+    if parallel.tp_comm_overlap:
+        initialize_tp_comm_overlap(model_config, train, ctx)
     tconfig = transformer_config(model_config, parallel, train, ctx)
     layout, coords = ctx.layout, ctx.coords
     chunks = layout.virtual_pp or 1

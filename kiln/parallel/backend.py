@@ -49,6 +49,24 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def worker_environment(parallel, device: str) -> dict[str, str]:
+    """Environment the training processes need before CUDA starts in them (the launcher sets it).
+
+    * ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tensor or context parallelism: one hardware queue
+      makes kernels start in the order they were issued, which megatron-core relies on to run
+      a TP/CP collective concurrently with the GEMM issued after it (Megatron-LM sets it too).
+      FSDP-style overlap wants several queues, so it is not forced otherwise.
+    * ``CUDA_VISIBLE_DEVICES=""`` for ``train.device=cpu``: a rehearsal on a GPU login node never
+      touches (or allocates memory on) the GPUs.
+    """
+    env: dict[str, str] = {}
+    if device != "cpu" and (parallel.tp > 1 or parallel.cp > 1):
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def init_parallel(device: str, seed: int, layout_for: Callable[[int], ParallelLayout]) -> ParallelContext:
     """Join (or create) the process group, build megatron-core's groups, seed every RNG.
 

@@ -12,8 +12,9 @@ CPU once a few assumptions hold, and this module makes them hold for the whole p
 * The CUDA RNG tracker gets a CPU counterpart that keeps named CPU generator states.
 
 This is what lets ``kiln train --device cpu`` rehearse a cluster's exact parallel layout on a
-laptop, and what lets CI test TP/PP/DP parity. It is switched on only where CUDA is absent,
-and only by :func:`kiln.parallel.backend.init_parallel`.
+laptop (or on a GPU login node: the GPUs are then hidden from the process, so that megatron-core
+and DeepSpeed take the CPU paths), and what lets CI test TP/PP/DP parity. It is switched on by
+:func:`kiln.parallel.backend.init_parallel` for ``train.device=cpu`` only.
 """
 
 from __future__ import annotations
@@ -110,7 +111,11 @@ def install() -> None:
     if _installed:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("CPU emulation is for machines without CUDA; this one has a GPU")
+        # The launcher hides GPUs from CPU workers (CUDA_VISIBLE_DEVICES=""); an in-process run
+        # may have asked CUDA already, after which the variable is no longer read.
+        log.info("train.device=cpu on a machine with %d GPU(s): hidden from this process", torch.cuda.device_count())
+        torch.cuda.is_available = lambda: False  # type: ignore[assignment]
+        torch.cuda.device_count = lambda: 0  # type: ignore[assignment]
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.manual_seed = torch.manual_seed  # type: ignore[assignment]

@@ -47,8 +47,14 @@ def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
     return peak_for(device, precision)[0]
 
 
-def peak_for(device: torch.device, precision: str = "bf16") -> tuple[float | None, str]:
-    """(peak FLOP/s or None, the sentence a run logs at start to say which peak its MFU uses)."""
+def peak_for(device: torch.device, precision: str = "bf16",
+             override_tflops: float | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s or None, the sentence a run logs at start to say which peak its MFU uses).
+
+    ``override_tflops`` is train.peak_tflops: the user's number wins over the table.
+    """
+    if override_tflops:
+        return override_tflops * 1e12, f"MFU against train.peak_tflops = {override_tflops:g} TFLOP/s"
     if device.type != "cuda":
         return None, "MFU: not reported on CPU (no peak FLOP/s)"
     name = torch.cuda.get_device_name(device)
