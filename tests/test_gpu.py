@@ -49,3 +49,41 @@ def test_other_engines_train_on_gpu_in_bf16(engine, tmp_path):
     assert [m["step"] for m in metrics] == [5, 10, 15, 20]
     assert metrics[-1]["loss"] < metrics[0]["loss"] and all(math.isfinite(m["loss"]) for m in metrics)
     assert (tmp_path / "run" / "checkpoints" / "step_000020" / "kiln-manifest.json").is_file()
+
+
+def test_same_seed_gives_the_same_weights_on_gpu_and_cpu():
+    """A CPU rehearsal and the GPU run start from the same model (draws are on a CPU generator)."""
+    script = """
+import torch
+from kiln.log import quiet_third_party; quiet_third_party()
+from kiln.config import config_from_dict
+from kiln.model.builder import build_model
+from kiln.parallel.backend import init_parallel
+config = config_from_dict({}, ["train.precision=fp32", "train.device=%s"])
+ctx = init_parallel(config.train.device, config.train.seed, config.layout)
+(model,) = build_model(config.model, config.parallel, config.train, ctx, vocab_size=256)
+torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, "%s")
+"""
+    weights = {}
+    for device in ("cuda", "cpu"):
+        path = REPO / "runs" / f"init-{device}.pt"
+        path.parent.mkdir(exist_ok=True)
+        # Separate processes: CPU emulation and CUDA cannot share one.
+        out = subprocess.run([sys.executable, "-c", script % (device, path)], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        weights[device] = torch.load(path)
+        path.unlink()
+    assert weights["cuda"].keys() == weights["cpu"].keys()
+    for name, value in weights["cpu"].items():
+        assert torch.equal(weights["cuda"][name], value), name
+
+
+def test_te_optimizer_state_survives_a_resume(tmp_path):
+    """With TE installed megatron-core uses TE's FusedAdam; a resume must load its state."""
+    pytest.importorskip("transformer_engine.pytorch")
+    common = ("train.device=cuda", "train.precision=bf16", "train.log_every=2", "logging.wandb=disabled",
+              "optim.distributed_optimizer=true", "checkpoint.every=4")
+    first = train(tmp_path / "run", 1, *common, "train.max_steps=4", cache_dir=tmp_path / "cache")
+    resumed = train(tmp_path / "run", 1, *common, "train.max_steps=8", cache_dir=tmp_path / "cache")
+    assert first[-1]["step"] == 4 and resumed[-1]["step"] == 8

@@ -1,11 +1,17 @@
-"""Weight initialisation that does not depend on the parallel layout.
+"""Weight initialisation that depends on neither the parallel layout nor the device.
 
 megatron-core draws initial weights from a stream shared by all layers of a rank, so a model
 split over two pipeline stages starts from different weights than the same model on one
-rank. kiln instead seeds every parameter from ``(train.seed, its global name)``, draws the
-*full* (unsharded) tensor, and keeps this rank's shard. The same seed therefore gives the
-same model under any TP/PP/DP/CP layout, which is what makes parity tests and layout changes
-between runs meaningful.
+rank. kiln instead gives every slice of every weight its own seed: slice ``i`` (along the
+dimension tensor parallelism splits, dim 0 for weights it does not split) of the parameter
+with global name ``n`` is drawn from ``hash(train.seed, n, i)``. Hence:
+
+* the same seed gives the same model under any TP/PP/DP/CP layout (parity tests, and layout
+  changes between runs, are meaningful);
+* a rank draws only the slices of its own shard: at 70B and TP=8 that is 1/8 of each weight,
+  not the whole tensor sliced afterwards;
+* draws run on a CPU generator and are copied to the weight's device, so a CPU rehearsal and
+  the GPU run start from the same weights (CUDA's generator gives other numbers).
 """
 
 from __future__ import annotations
@@ -36,16 +42,43 @@ def global_param_name(model: torch.nn.Module, local_name: str) -> str:
     return local_name
 
 
-def _shard(full: torch.Tensor, param: torch.Tensor, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's piece of ``full``, the way megatron-core splits a (strided) TP weight."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
+_MASK64 = 2**64 - 1
+
+
+def _slice_seed(base: int, index: int) -> int:
+    """A well-mixed 63-bit seed for slice ``index`` (SplitMix64's finaliser)."""
+    x = (base * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def _owned_slices(param: torch.Tensor, name: str, tp_rank: int, tp_size: int) -> tuple[int, torch.Tensor]:
+    """(the dimension slices are taken along, the global indices of this rank's slices in order).
+
+    The indices follow megatron-core's split of a (strided) TP weight: SwiGLU's fc1 holds
+    [gate; up] on every rank, i.e. ``stride`` blocks, each split over TP.
+    """
+    if not getattr(param, "tensor_model_parallel", False):
+        return 0, torch.arange(param.shape[0])
     dim = param.partition_dim
-    # SwiGLU's fc1 holds [gate; up] per rank whatever stride the module reports (TE says 1).
+    # fc1's stride is 2 whatever the module reports (TE says 1).
     stride = 2 if name.endswith(_GATED) else getattr(param, "partition_stride", 1)
-    # A strided weight (SwiGLU fc1: [gate; up]) is `stride` blocks, each split over TP.
-    blocks = torch.chunk(full, stride, dim=dim)
-    return torch.cat([torch.chunk(block, tp_size, dim=dim)[tp_rank] for block in blocks], dim=dim)
+    local = param.shape[dim]
+    block, piece = local * tp_size // stride, local // stride
+    return dim, torch.cat([torch.arange(b * block + tp_rank * piece, b * block + (tp_rank + 1) * piece)
+                           for b in range(stride)])
+
+
+def _draw(param: torch.Tensor, dim: int, indices: torch.Tensor, base_seed: int) -> torch.Tensor:
+    """Standard-normal values of this rank's slices, on the CPU, laid out like ``param``."""
+    slice_shape = [size for d, size in enumerate(param.shape) if d != dim]
+    slices = torch.empty((len(indices), *slice_shape), dtype=torch.float32)
+    generator = torch.Generator()  # CPU on purpose: the same numbers whatever device the weight is on
+    for row, index in enumerate(indices.tolist()):
+        generator.manual_seed(_slice_seed(base_seed, index))
+        torch.randn(slice_shape, generator=generator, out=slices[row])
+    return slices.movedim(0, dim)
 
 
 @torch.no_grad()
@@ -58,11 +91,7 @@ def init_weights(model: torch.nn.Module, model_config: ModelConfig, ctx, seed: i
             param.fill_(1.0)
             continue
         name = global_param_name(model, local_name)
-        full_shape = list(param.shape)
-        if getattr(param, "tensor_model_parallel", False):
-            full_shape[param.partition_dim] *= tp_size
-        generator = torch.Generator(device=param.device)
-        generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        base_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
         sigma = scaled_std if name.endswith(_SCALED) else std
-        full = torch.randn(full_shape, generator=generator, device=param.device, dtype=torch.float32) * sigma
-        param.copy_(_shard(full, param, name, tp_rank, tp_size).to(param.dtype))
+        dim, indices = _owned_slices(param, name, tp_rank, tp_size)
+        param.copy_((_draw(param, dim, indices, base_seed) * sigma).to(param.dtype))
