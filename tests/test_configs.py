@@ -136,3 +136,27 @@ def test_dry_run_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     config: RunConfig = load_config(CONFIGS / "llama3-70b.yaml")
     config.dry_run_report(64)
     assert not torch.distributed.is_initialized()
+
+
+# The model and batch shrunk to a toy; every parallel, optimizer and precision setting is the preset's.
+TOY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+       "model.ffn_hidden_size=128", "model.vocab_size=null", "model.seq_len=64", "data.path=null",
+       "data.tokenizer=null", "data.num_workers=0", "train.global_batch_size=4", "train.micro_batch_size=2",
+       "train.max_steps=4", "train.log_every=1", "train.device=cpu", "logging.wandb=disabled",
+       "checkpoint.every=0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama3-8b", "llama3-70b"])
+def test_preset_parallel_settings_train_on_cpu(preset, tmp_path) -> None:
+    """The 8B preset's tp 2 + sequence parallel + distributed optimizer, and the 70B preset's
+    interleaved pipeline with selective recompute, on a toy model (the local layer spec)."""
+    from tests.kiln_run import train
+
+    layout = ["parallel.pp=1", "parallel.virtual_pp=null"] if preset == "llama3-8b" else \
+        ["parallel.tp=1", "parallel.sequence_parallel=false", "parallel.pp=2", "parallel.virtual_pp=2",
+         "model.num_layers=4"]
+    metrics = train(tmp_path / "run", 2, *TOY, *layout, config=f"configs/{preset}.yaml",
+                    cache_dir=tmp_path / "cache")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]

@@ -74,6 +74,7 @@ class MegatronEngine(Engine):
             for index, part in enumerate(model_parts)
         ]
         self._overlaps_param_gather = ddp_config.overlap_param_gather
+        self._kept_extra_state: list[list[str]] = [[] for _ in self.models]
         bf16 = self.train_config.precision == "bf16"
         # megatron-core's default grouping exempts biases and 1-D parameters (norm gains) from weight decay.
         self.optimizer = get_megatron_optimizer(
@@ -191,6 +192,9 @@ class MegatronEngine(Engine):
         elif self._overlaps_param_gather:
             self._gather_updated_params()
         state = {f"model{i}": model.module.sharded_state_dict() for i, model in enumerate(self.models)}
+        if saved is not None:
+            self._kept_extra_state = [_drop_unsaved_extra_state(state[f"model{i}"], saved.tensor_keys)
+                                      for i in range(len(self.models))]
         # The optimizer maps its params to the model's ShardedTensors through all chunks (nested,
         # not merged: interleaved chunks share local key names).
         state["optimizer"] = self.optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
@@ -206,7 +210,9 @@ class MegatronEngine(Engine):
 
     def load_sharded_state_dict(self, loaded: dict[str, Any], saved: SavedEngine) -> None:
         for index, model in enumerate(self.models):
-            model.module.load_state_dict(loaded[f"model{index}"])
+            own = model.module.state_dict()
+            kept = {name: own[name] for name in self._kept_extra_state[index]}
+            model.module.load_state_dict({**loaded[f"model{index}"], **kept})
         with torch_adam_load_fixes(self.optimizer):
             self.optimizer.load_state_dict(loaded["optimizer"])
 
@@ -215,6 +221,24 @@ class MegatronEngine(Engine):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_scheduler_state(self.scheduler, state["scheduler"])
+
+
+def _drop_unsaved_extra_state(model_state: dict[str, Any], saved_keys: frozenset[str]) -> list[str]:
+    """Take out of a load request the ``_extra_state`` objects the checkpoint does not hold; return their names.
+
+    Transformer Engine modules carry extra state (their FP8 scaling history) that the local
+    spec's modules do not, so a CPU rehearsal's checkpoint has none to give a TE model; the
+    modules keep their fresh state, as at the start of a run. (The other way round, a TE
+    checkpoint's extra objects are simply not asked for.) Weights are never dropped here: a
+    missing weight still fails the load.
+    """
+    # megatron-core stores an object under "<key>/shard_<offset>_<shape>"
+    saved = {key.split("/shard_")[0] for key in saved_keys}
+    absent = [name for name, item in model_state.items()
+              if name.endswith("_extra_state") and getattr(item, "key", name) not in saved]
+    for name in absent:
+        del model_state[name]
+    return absent
 
 
 def use_fused_torch_adam(optimizer) -> None:
