@@ -9,13 +9,13 @@ each has a timeout) with this interpreter and this PYTHONPATH, so it works where
 pip-installed and the machine's own torch is used:
 
 * environment: Python, torch, CUDA, the GPUs, kiln's dependency versions, TE/flash-attn present or not;
-* ``tests``: ``pytest -m gpu tests`` (pass/fail/skip counts and every test's outcome);
 * ``step``: bench/step_overhead.py on the 1B preset (configs/llama3-1b.yaml, bf16, one GPU): tokens/s,
   TFLOP/s per GPU, MFU, peak memory, and kiln's step against a plain PyTorch loop with the same
   precision and fp32 master weights; run again at micro-batch 1 if micro-batch 2 runs out of memory;
 * ``checkpoint``: bench/checkpoint.py --preset gpu: how long an async save blocks training against
-  a synchronous save (a ~125M model: a 1B checkpoint with Adam states is ~20 GB per save, more
-  than a lent machine's disk holds across the bench's runs).
+  a synchronous save (a ~125M model: a 1B checkpoint with fp32 masters and Adam states is ~17 GB a
+  save, and the bench keeps several, more than a lent machine's disk holds);
+* ``tests``: ``pytest -m gpu tests`` (pass/fail/skip counts and every test's outcome).
 
 Without a CUDA GPU (or with ``--cpu-smoke``) it runs the CPU-side part: the gpu tests (they skip)
 and tiny CPU variants of both benchmarks through the same code paths, to show the plumbing works.
@@ -42,8 +42,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "step", "checkpoint")
-TIMEOUTS_S = {"tests": 420, "step": 420, "checkpoint": 300}
+# The headline numbers first: a machine lent for a few minutes should give those before the tests.
+PARTS = ("step", "checkpoint", "tests")
+TIMEOUTS_S = {"step": 420, "checkpoint": 300, "tests": 420}
 REPORT_VERSION = 1
 
 # name → (comparison, threshold, what it judges). The step and checkpoint targets are the ones
@@ -276,12 +277,12 @@ def _metric(value, unit: str, why_not: str | None) -> dict:
     return {"value": value, "unit": unit, "measured": True}
 
 
-def _gpu_result(part: dict | None, label: str, why_no_gpu: str | None) -> tuple[dict | None, str | None]:
+def _gpu_result(part: dict, label: str, why_no_gpu: str | None) -> tuple[dict | None, str | None]:
     """A benchmark's numbers when they are a GPU measurement, else None and why not."""
     if why_no_gpu is not None:
         return None, why_no_gpu
-    if part is None or part.get("status") == "skipped":
-        return None, f"the {label} was not run" + (f" ({part['why']})" if part and part.get("why") else "")
+    if part["status"] in ("skipped", "pending"):
+        return None, f"the {label} has not run" + (f" ({part['why']})" if part.get("why") else "")
     if part["status"] != "ok":
         return None, f"the {label} {part['status']} (see its log)"
     result = part["result"]
@@ -292,8 +293,8 @@ def _gpu_result(part: dict | None, label: str, why_no_gpu: str | None) -> tuple[
 
 def gpu_metrics(parts: dict, why_no_gpu: str | None) -> dict:
     """The headline numbers; each is a measurement on a CUDA GPU, or ``measured: false`` and why not."""
-    step, step_why = _gpu_result(parts.get("step"), "step benchmark", why_no_gpu)
-    ckpt, ckpt_why = _gpu_result(parts.get("checkpoint"), "checkpoint benchmark", why_no_gpu)
+    step, step_why = _gpu_result(parts["step"], "step benchmark", why_no_gpu)
+    ckpt, ckpt_why = _gpu_result(parts["checkpoint"], "checkpoint benchmark", why_no_gpu)
     loops = step["loops"] if step else {"kiln": {}, "plain": {}}
     mfu_why = step_why or (None if step.get("peak_flops") else
                            f"the peak FLOP/s of {step.get('device_name')} is not known to kiln.plan.flops")
@@ -419,7 +420,8 @@ def main() -> int:
               "command": [sys.executable, *sys.argv], "mode": "gpu" if gpu else "cpu-smoke",
               "gpu_present": bool(env.get("cuda_available")), "why_no_gpu": why_no_gpu, "environment": env,
               "targets": {name: f"{c} {t}: {what}" for name, (c, t, what) in TARGETS.items()},
-              "parts": {name: {"status": "skipped", "why": "not in --parts"} for name in PARTS if name not in parts}}
+              "parts": {name: {"status": "pending"} if name in parts else {"status": "skipped", "why": "not in --parts"}
+                        for name in PARTS}}
 
     def save() -> None:
         report["duration_s"] = round(time.monotonic() - started, 1)
@@ -443,9 +445,9 @@ def main() -> int:
         report["parts"][name]["what"] = PART_DESCRIPTIONS[name][gpu]
         save()
     print_summary(report, out)
-    ran = [part for part in report["parts"].values() if part["status"] != "skipped" or part.get("why") != "not in --parts"]
-    failed_tests = report["parts"].get("tests", {}).get("failed") or report["parts"].get("tests", {}).get("errors")
-    return 0 if all(part["status"] == "ok" for part in ran) and not failed_tests else 1
+    tests = report["parts"]["tests"]
+    all_ran = all(report["parts"][name]["status"] == "ok" for name in parts)
+    return 0 if all_ran and not tests.get("failed") and not tests.get("errors") else 1
 
 
 if __name__ == "__main__":
