@@ -97,30 +97,35 @@ def probe_environment() -> dict:
             env["gpus"].append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
                                 "compute_capability": f"{props.major}.{props.minor}",
                                 "multiprocessors": props.multi_processor_count})
-        sys.path.insert(0, str(REPO))
-        from kiln.plan.flops import peak_flops
+        try:  # what MFU is computed against; a kiln that does not import still gets its GPU checked
+            sys.path.insert(0, str(REPO))
+            from kiln.plan.flops import peak_flops
 
-        env["peak_bf16_tflops"] = (peak_flops(torch.device("cuda", 0)) or 0) / 1e12 or None
+            env["peak_bf16_tflops"] = (peak_flops(torch.device("cuda", 0)) or 0) / 1e12 or None
+        except Exception as err:  # noqa: BLE001 - reported, not fatal
+            env["peak_bf16_tflops"] = f"unknown: {type(err).__name__}: {err}"
     packages = {}
     for dist, module in PACKAGES:
         try:
             version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             version = None
-        packages[dist] = {"version": version, "importable": importlib.util.find_spec(module.split(".")[0]) is not None}
+        packages[dist] = {"version": version, "present": importlib.util.find_spec(module.split(".")[0]) is not None}
     env["packages"] = packages
     return env
 
 
 def environment(child_env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--probe-environment"], cwd=REPO, env=child_env,
-                         capture_output=True, text=True, timeout=300)
+    out = None
     try:
+        out = subprocess.run([sys.executable, __file__, "--probe-environment"], cwd=REPO, env=child_env,
+                             capture_output=True, text=True, timeout=300)
         env = json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        env = {"cuda_available": False, "probe_error": (out.stdout + out.stderr)[-3000:]}
+    except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as err:
+        env = {"cuda_available": False, "probe_error": (f"{out.stdout}{out.stderr}" if out else str(err))[-3000:]}
     commit = _git("rev-parse", "HEAD")
-    env["kiln"] = {"path": str(REPO), "commit": commit, "dirty": bool(_git("status", "--porcelain")) if commit else None}
+    dirty = bool(_git("status", "--porcelain")) if commit else None
+    env["kiln"] = {"path": str(REPO), "commit": commit, "dirty": dirty}
     env["nvidia_smi"] = _command_output(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                          "--format=csv,noheader"])
     env["pythonpath"] = child_env.get("PYTHONPATH", "")
@@ -224,21 +229,22 @@ def run_bench(name: str, command: list[str], logs: Path, child_env: dict, timeou
     return record
 
 
-def step_commands(gpu: bool) -> list[list[str]]:
-    """The step benchmark's command, then a fallback: micro-batch 1 if the preset's 2 runs out of memory."""
+def step_commands(gpu: bool) -> list[tuple[str, list[str]]]:
+    """(log name, command) of the step benchmark, then of its fallback: micro-batch 1 if the preset's
+    2 runs out of memory (kiln's and the plain loop's models share the GPU for the comparison)."""
     bench = [sys.executable, "bench/step_overhead.py", "--preset", "1b"]
     if not gpu:
-        return [[*bench, "--warmup", "1", "--rounds", "2", "--steps-per-round", "1", *CPU_SMOKE_1B]]
-    return [bench, [*bench, "train.micro_batch_size=1"]]
+        return [("step_overhead", [*bench, "--warmup", "1", "--rounds", "2", "--steps-per-round", "1", *CPU_SMOKE_1B])]
+    return [("step_overhead", bench), ("step_overhead-mb1", [*bench, "train.micro_batch_size=1"])]
 
 
 def run_step(logs: Path, child_env: dict, timeout: "Timeouts", gpu: bool) -> dict:
     attempts = []
-    for command in step_commands(gpu):
+    for name, command in step_commands(gpu):
         budget = timeout.for_part("step")
         if budget is None:
             break
-        attempts.append(run_bench("step_overhead", command, logs, child_env, budget))
+        attempts.append(run_bench(name, command, logs, child_env, budget))
         if not any(marker in attempts[-1].get("output_tail", "") for marker in OUT_OF_MEMORY):
             break
     if not attempts:
@@ -327,7 +333,7 @@ def verdict(metrics: dict, environment: dict) -> dict:
             met = metric["value"] >= threshold if comparison == ">=" else metric["value"] <= threshold
             entry["status"] = "pass" if met else "miss"
         out[name] = entry
-    if (environment.get("packages", {}).get("transformer-engine") or {}).get("importable"):
+    if (environment.get("packages", {}).get("transformer-engine") or {}).get("present"):
         out["mfu"]["note"] = "Transformer Engine is installed: the target is set for the path without it"
     return out
 
@@ -365,6 +371,11 @@ def print_summary(report: dict, out: Path) -> None:
                                                 "transformer-engine", "flash-attn")))
     for name, part in report["parts"].items():
         detail = f"{part.get('duration_s', 0):.0f} s"
+        if name == "step" and part.get("result"):
+            result = part["result"]
+            detail = (f"{result['model']['params'] / 1e6:,.1f}M params, seq {result['model']['seq_len']}, "
+                      f"micro-batch {result['micro_batch_size']}, {result['precision']} on {result['device']}; "
+                      + detail)
         if name == "tests" and part.get("passed") is not None:
             detail = (f"{part['passed']} passed, {part['failed']} failed, {part['errors']} errors, "
                       f"{part['skipped']} skipped; " + detail)
@@ -414,8 +425,10 @@ def main() -> int:
     started, child_env = time.monotonic(), child_environment()
     env = environment(child_env)
     gpu = bool(env.get("cuda_available")) and not args.cpu_smoke
-    why_no_gpu = None if gpu else ("--cpu-smoke asked for the CPU-side part only" if args.cpu_smoke else
-                                   "no CUDA GPU on this machine (torch.cuda.is_available() is False)")
+    why_no_gpu = None if gpu else (
+        "--cpu-smoke asked for the CPU-side part only" if args.cpu_smoke else
+        "the environment probe failed (torch does not import?): see environment.probe_error" if "probe_error" in env
+        else "no CUDA GPU on this machine (torch.cuda.is_available() is False)")
     report = {"kiln_gpu_check": REPORT_VERSION, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": [sys.executable, *sys.argv], "mode": "gpu" if gpu else "cpu-smoke",
               "gpu_present": bool(env.get("cuda_available")), "why_no_gpu": why_no_gpu, "environment": env,
