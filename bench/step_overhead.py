@@ -139,7 +139,9 @@ def main() -> None:
         result = trainer.engine.forward_backward(trainer.next_micro_batches())
         trainer.engine.optimizer_step(result, skip=trainer.skip_requested(result))
 
-    # kiln's peak memory is read before the plain model exists, so it is kiln's alone.
+    # kiln's peak memory is read before the plain model exists, so it is kiln's alone; each peak
+    # counts from after its model was built, so it is training's, not weight initialisation's.
+    reset_peak_memory(device)
     for _ in range(args.warmup):
         kiln_step()
     memory = {"kiln": peak_memory(device)}
@@ -150,6 +152,7 @@ def main() -> None:
     plain_opt = PlainAdamW(plain.parameters(), config.optim)
     positions = torch.arange(seq, device=device).unsqueeze(0).expand(mb, seq)
     plain_batches = cycle()
+    reset_peak_memory(device)
 
     def plain_step() -> None:
         tokens = next(plain_batches)["tokens"].to(device)
@@ -217,17 +220,20 @@ def main() -> None:
         }, indent=1) + "\n")
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device, minus: int = 0) -> dict | None:
-    """Peak CUDA memory since the last call: allocated by tensors, less ``minus`` bytes that were
+    """Peak CUDA memory since the last reset: allocated by tensors, less ``minus`` bytes that were
     already held; and reserved by the whole process's caching allocator. None on CPU, where torch
     keeps no such counter."""
     if device.type != "cuda":
         return None
     gib = 2**30
-    result = {"allocated_gib": (torch.cuda.max_memory_allocated(device) - minus) / gib,
-              "process_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
-    torch.cuda.reset_peak_memory_stats(device)
-    return result
+    return {"allocated_gib": (torch.cuda.max_memory_allocated(device) - minus) / gib,
+            "process_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
 
 
 if __name__ == "__main__":
