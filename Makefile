@@ -33,5 +33,11 @@ dry-run: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/step_overhead.py
 
+# The GPU check (README, "Checking a GPU machine"): the gpu tests and GPU benchmarks into one
+# JSON report, runs/gpu_check.json; without a GPU its CPU-side part. ARGS go to bench/gpu_check.py.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
