@@ -87,3 +87,16 @@ def test_te_optimizer_state_survives_a_resume(tmp_path):
     first = train(tmp_path / "run", 1, *common, "train.max_steps=4", cache_dir=tmp_path / "cache")
     resumed = train(tmp_path / "run", 1, *common, "train.max_steps=8", cache_dir=tmp_path / "cache")
     assert first[-1]["step"] == 4 and resumed[-1]["step"] == 8
+
+
+def test_training_batches_come_from_pinned_memory():
+    """The loader collates into page-locked memory on GPU runs: the step's host-to-device copy is asynchronous."""
+    from kiln.data.bundled import ensure_bundled_dataset
+    from kiln.data.loader import build_train_loader
+
+    loader = build_train_loader(ensure_bundled_dataset(128), micro_batch_size=2, seed=0, dp_rank=0, dp_size=1,
+                                prefetch=2, pin_memory=True)
+    try:
+        assert next(iter(loader))["tokens"].is_pinned()
+    finally:
+        loader.close()

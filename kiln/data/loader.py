@@ -182,7 +182,7 @@ class TrainLoader:
     """
 
     def __init__(self, dataset: Any, *, micro_batch_size: int, dp_size: int, num_workers: int,
-                 meta: dict | None, prefetch: int = 0) -> None:
+                 meta: dict | None, prefetch: int = 0, pin_memory: bool = False) -> None:
         from streaming import StreamingDataLoader
 
         self.dataset = dataset
@@ -196,7 +196,7 @@ class TrainLoader:
         # drop_last: the epoch is a whole number of micro-batches anyway (see module docstring);
         # this only guards the trainer against a ragged batch if that assumption ever breaks.
         self._loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
-                                           collate_fn=_collate, drop_last=True,
+                                           collate_fn=_collate, drop_last=True, pin_memory=pin_memory,
                                            persistent_workers=num_workers > 0)
         self.epoch = 0  # position after the last batch handed out
         self.batches_in_epoch = 0
@@ -295,6 +295,7 @@ def build_train_loader(
     global_batch_size: int | None = None,
     num_canonical_nodes: int = 1,
     cache_dir: str | None = None,
+    pin_memory: bool = False,
 ) -> TrainLoader:
     """Build the endless micro-batch iterator of this rank. Collective: every rank calls it.
 
@@ -303,7 +304,8 @@ def build_train_loader(
     samples from each stream, or every stream ``repeat`` times). ``global_batch_size``
     (micro-batch × dp × accumulation; default micro-batch × dp) makes every epoch a whole
     number of global batches. ``prefetch`` micro-batches are read ahead by a background thread
-    (0: on demand). A remote path (``s3://…``) is cached under ``cache_dir``
+    (0: on demand). ``pin_memory`` (GPU runs) collates into page-locked host memory, so the
+    step's ``.to(device, non_blocking=True)`` is a true asynchronous copy. A remote path (``s3://…``) is cached under ``cache_dir``
     (default ``$KILN_CACHE_DIR/streaming/<hash>``).
     """
     from streaming import Stream, StreamingDataset
@@ -363,7 +365,7 @@ def build_train_loader(
                 f"call kiln.data.loader.clean_stale_shm() once at job start, or use another cache_dir") from e
         raise
     loader = TrainLoader(dataset, micro_batch_size=micro_batch_size, dp_size=dp_size, num_workers=num_workers,
-                         meta=meta, prefetch=prefetch)
+                         meta=meta, prefetch=prefetch, pin_memory=pin_memory)
     if not loader.seq_len:
         # Remote: the index is in the local cache now; read the width of the tokens column.
         loader.seq_len = int(dataset.shards[0].column_encodings[0].rsplit(":", 1)[-1]) - 1

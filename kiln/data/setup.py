@@ -64,6 +64,9 @@ def build_batches(data: DataConfig, train: TrainConfig, model: ModelConfig,
         num_workers=data.num_workers,
         prefetch=data.prefetch,
         global_batch_size=train.global_batch_size,
+        # Pinned in the read-ahead thread, off the step's path (pageable memory makes
+        # non_blocking copies synchronous).
+        pin_memory=ctx.device.type == "cuda",
     )
     if ctx.rank == 0:
         what = source if isinstance(source, str) else ", ".join(
