@@ -1,7 +1,8 @@
 """Parity: the same seed and data give the same per-step loss under every parallel layout.
 
 Each case runs the real CLI under torchrun with gloo processes (megatron-core on CPU) and
-compares the per-step loss with a single-process run of the same global batch, in fp32.
+compares the per-step loss with a single-process run of the same global batch, in fp32
+(the megatron engine, no recomputation).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def test_baseline_learns(baseline):
         ("tp2-sequence-parallel-full-recompute", "2 layers",
          ("parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=full")),
         ("dp2-selective-recompute", "2 layers", ("train.recompute=selective",)),
+        # Recomputation is megatron-core's, inside the model: the other engines get it too.
+        ("fsdp-full-recompute", "2 layers", ("parallel.engine=fsdp", "train.recompute=full")),
         ("pp2", "2 layers", ("parallel.pp=2",)),
         ("dp2", "2 layers", ()),
         ("dp2-distributed-optimizer", "2 layers", ("optim.distributed_optimizer=true",)),
