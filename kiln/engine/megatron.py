@@ -17,8 +17,8 @@ import torch
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine.base import Engine, SavedEngine, StepResult
 from kiln.engine.forward import TokenBatches, mean_loss
-from kiln.engine.megatron_checkpoint import (OPTIMIZER_METADATA, ensure_adam_state, optimizer_step_count,
-                                             torch_adam_load_fixes)
+from kiln.engine import megatron_checkpoint
+from kiln.engine.megatron_checkpoint import optimizer_step_count
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, scheduler_state
 from kiln.errors import KilnConfigError
 
@@ -156,20 +156,11 @@ class MegatronEngine(Engine):
 
     # -- checkpoint state -------------------------------------------------------------------
     def sharded_state_dict(self, *, is_loading: bool, saved: SavedEngine | None = None) -> dict[str, Any]:
-        if is_loading:
-            ensure_adam_state(self.optimizer)
-        state = {f"model{i}": model.module.sharded_state_dict() for i, model in enumerate(self.models)}
-        # The optimizer maps its params to the model's ShardedTensors through all chunks (nested,
-        # not merged: interleaved chunks share local key names).
-        state["optimizer"] = self.optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
-                                                               metadata=OPTIMIZER_METADATA)
-        return state
+        return megatron_checkpoint.sharded_state(self.models, self.optimizer, self.ctx.pg_collection.dp_cp,
+                                                 is_loading=is_loading)
 
     def load_sharded_state_dict(self, loaded: dict[str, Any], saved: SavedEngine) -> None:
-        for index, model in enumerate(self.models):
-            model.module.load_state_dict(loaded[f"model{index}"])
-        with torch_adam_load_fixes(self.optimizer):
-            self.optimizer.load_state_dict(loaded["optimizer"])
+        megatron_checkpoint.load_sharded_state(self.models, self.optimizer, loaded)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scheduler": scheduler_state(self.scheduler), "adam_step": optimizer_step_count(self.optimizer)}
