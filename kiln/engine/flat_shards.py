@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -94,6 +94,7 @@ def flat_entries(entry, key_prefix: str, flat: torch.Tensor, start: int) -> list
     """
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    flat = flat.detach()  # a view of the same storage: loads write through it, outside autograd
     stop = start + flat.numel()
     out = []
     for stored, base in _stored_tensors(entry):
@@ -136,6 +137,8 @@ class FlatShare:
 
     start: int
     tensors: dict[str, torch.Tensor]
+    store: Callable[[], None] | None = None
+    """After a load, puts the tensors back where they are copies of the live state (None: views)."""
 
     @property
     def numel(self) -> int:
