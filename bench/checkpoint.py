@@ -11,6 +11,8 @@ hits both alike. Every manager call, and the megatron pieces inside it, is timed
     OMP_NUM_THREADS=2 .venv/bin/python bench/checkpoint.py --try-fixes      # + variant async+fixes
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/checkpoint.py       # dp=2 over gloo
     python bench/checkpoint.py --preset gpu --json ckpt.json                # ~125M bf16 model, 1 GPU
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/checkpoint.py --preset cpu-large \
+        --distributed-optimizer --save-every 2 --saves 3 --rounds 2         # 111M params, dp=2, ~10 min
 
 Columns:
 
@@ -33,6 +35,11 @@ Columns:
   loaded weights are compared with the trainer's at save time.
 * breakdown: mean ms per measured save of each timed piece; the unindented rows add up to the
   mean blocked time (``rest`` is barriers, all-reduces and glue).
+* per rank: each rank's median blocked time; its host memory (resident set of the training
+  process, sampled every 4 ms) at its peak during a save's blocking calls, and that peak minus
+  the level just before the save ("above"), the same for the cold load into a fresh trainer,
+  the process's lifetime maximum; and the bytes of the shard files it wrote (``__<rank>_*.distcp``
+  of the last sync run's final checkpoint).
 
 ``--try-fixes [cache,clone]`` adds the variant ``async+fixes``: candidate
 changes to kiln's save path, monkeypatched in for that variant only (see FIXES), and loads its
@@ -62,6 +69,28 @@ fork. Background retention is now in kiln, as is a torch-free initializer for th
 writer-results server, which took the first save of a run from ~2 s to ~0.1-0.2 s. The background writer (torch.save, fsync,
 CRC32 on the same 2 cores) slowed the overlapping training steps by about as much as a sync
 save takes, so on this box async mostly moves the cost; with spare cores (a GPU node) it does not.
+
+Each rank its own share (the distributed optimizer at dp=2; the command above with
+``--preset cpu-large --distributed-optimizer``: 111.2M params, fp32, a 1779 MB checkpoint,
+6 measured saves per variant; other agents' jobs kept the load average at 11-27 during both
+runs, so times are rough, memory and bytes are not). Before, megatron-core's
+``fully_reshardable`` all-gathered the whole optimizer state on both ranks inside kiln's
+sharded state, and rank 0 wrote everything; after, each rank writes its own range of it
+(kiln/engine/megatron_checkpoint.py), with no gather:
+
+    per save: median (mean where said)    before: rank 0 / rank 1   after: rank 0 / rank 1
+    blocked, sync                         26.6 s / 26.5 s           5.2 s / 5.2 s
+    blocked, async                        14.2 s / 13.0 s           0.62 s / 0.54 s
+    kiln's sharded state, sync / async    16.2 s / 12.5 s (mean)    0.02 s / 0.01 s (mean)
+    host memory above pre-save, sync      2619 MB / 3181 MB         255 MB / 272 MB
+    host memory above pre-save, async     2438 MB / 3181 MB         0 MB / 0 MB
+    peak host memory in a save (max)      6809 MB / 5488 MB         2906 MB / 2905 MB
+    bytes written                         1779.1 MB / 0 MB          889.6 MB / 889.5 MB
+    cold load: host memory above          1274 MB / 2386 MB         443 MB / 423 MB
+    cold load: time, peak host memory     11.8 s, 5974 / 5898 MB    4.4 s, 4109 / 4084 MB
+
+(the 0.09 MB of metadata and common state are rank 0's in both). The async ratio is now
+0.12, the fixed overheads above; the sync save is the two ranks' writes in parallel.
 """
 
 from __future__ import annotations
@@ -85,6 +114,10 @@ PRESETS = {
     # ~18M params: a ~214 MB checkpoint with fp32 Adam states, a ~1 s step on 2 cores.
     "cpu": {"layers": 4, "hidden": 512, "heads": 8, "seq_len": 256, "micro_batch": 4, "precision": "fp32",
             "device": "cpu"},
+    # ~109M params: a ~1.7 GB checkpoint with fp32 Adam states, large enough that gathering
+    # the optimizer state shows in time and memory; short sequences keep a step at ~2 s on 2 cores.
+    "cpu-large": {"layers": 8, "hidden": 1024, "heads": 16, "seq_len": 64, "micro_batch": 1, "precision": "fp32",
+                  "device": "cpu"},
     "gpu": {"layers": 12, "hidden": 768, "heads": 12, "seq_len": 2048, "micro_batch": 8, "precision": "bf16",
             "device": "cuda"},
 }
@@ -118,10 +151,45 @@ BREAKDOWN = [
 ]
 
 
+class RSSSampler:
+    """Peak resident memory of this process during a call: a thread reads /proc/self/statm every
+    few ms (gloo collectives and file writes release the GIL, so it samples during them too)."""
+
+    def __init__(self, interval_s: float = 0.004) -> None:
+        self.interval_s = interval_s
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def measure(self, fn, *args, **kwargs):
+        """``fn(...)``'s result and (RSS before, peak RSS during) in bytes."""
+        import threading
+
+        base = self.rss()
+        peak = [base]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(self.interval_s):
+                peak[0] = max(peak[0], self.rss())
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            stop.set()
+            thread.join()
+        return result, (base, max(peak[0], self.rss()))
+
+
 class Recorder:
     """Times manager calls (events) and, inside them, the pieces they run (labels)."""
 
     def __init__(self) -> None:
+        self.rss = RSSSampler()
         self.current: dict | None = None  # the event being recorded
         self.depth = 0  # nesting of timed pieces inside the current event
         self.events: list[dict] = []
@@ -135,9 +203,12 @@ class Recorder:
                  "blocking": kwargs.get("blocking", False)}
         self.current = event
         start = time.monotonic()
+        rss = (0, 0)
         try:
-            return fn(*args, **kwargs)
+            result, rss = self.rss.measure(fn, *args, **kwargs)
+            return result
         finally:
+            event["rss_base"], event["rss_peak"] = rss
             event["start"], event["end"] = start, time.monotonic()
             event["total"] = event["end"] - start
             event["published"] = before is not None and manager.in_flight is None
@@ -389,6 +460,19 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def bytes_per_rank(directory: Path) -> dict[str, int]:
+    """Bytes of a checkpoint by the rank that wrote them: DCP names each rank's shard files
+    ``__<rank>_<n>.distcp``; the rest (DCP/megatron metadata, common.pt, kiln's files) is "common"."""
+    import re
+
+    written: dict[str, int] = {}
+    for path in directory.iterdir():
+        match = re.match(r"__(\d+)_", path.name)
+        who = f"rank {match.group(1)}" if match else "common"
+        written[who] = written.get(who, 0) + path.stat().st_size
+    return dict(sorted(written.items()))
+
+
 def evict_page_cache(directory: Path) -> None:
     """Drop the (fsynced, clean) pages of the checkpoint's files, so the next load reads the disk."""
     for path in directory.iterdir():
@@ -463,8 +547,14 @@ def analyse(rec: Recorder, writers: list[dict], name: str) -> dict:
                 pure = waited - e["wait_top"]  # waiting for the writer, not finalizing/publishing
                 _add(owner["labels"], {"wait for previous save": pure})
                 owner["top"] += waited
-        for entry in saves.values():
+        for step, entry in saves.items():
             entry["blocked"] = entry["call"] + entry["publish"]
+            # Host memory: the peak above the level before the call, over the save() call and the
+            # poll/wait that published it (what the training process holds while it blocks).
+            blocking = [entry["event"]] + [e for e in events if e["kind"] in ("poll", "wait")
+                                           and e["in_flight_before"] == step and e["published"]]
+            entry["rss_delta"] = max(e["rss_peak"] - e["rss_base"] for e in blocking)
+            entry["rss_peak"] = max(e["rss_peak"] for e in blocking)
             entry["labels"]["rest (barriers, all-reduces, glue)"] = entry["blocked"] - entry["top"]
         ordered = sorted(saves)
         first.append(saves[ordered[0]]["blocked"])
@@ -510,6 +600,8 @@ def analyse(rec: Recorder, writers: list[dict], name: str) -> dict:
         "step_slowdown_s_per_save": med(slowdown) if slowdown else 0.0,
         "clean_step_s": med(clean_all),
         "blocked_mean_s": mean([s["blocked"] for s in measured]),
+        "save_rss_delta_mb": med([s["rss_delta"] / 2**20 for s in measured]),
+        "save_rss_peak_mb": max([s["rss_peak"] / 2**20 for s in measured], default=float("nan")),
         "breakdown_s": {label: mean([s["labels"].get(label, 0.0) for s in measured]) for label, _ in BREAKDOWN},
         "first_save_server_s": med(first_server),
         "first_save_breakdown_s": {label: mean([f.get(label, 0.0) for f in first_labels]) for label, _ in BREAKDOWN},
@@ -525,6 +617,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--micro-batch", type=int)
+    parser.add_argument("--engine", choices=["megatron", "deepspeed", "fsdp"], default="megatron")
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="megatron's distributed optimizer (optimizer state sharded over DP ranks)")
     parser.add_argument("--save-every", type=int, default=4, help="K: steps between saves (default 4)")
     parser.add_argument("--saves", type=int, default=3,
                         help="measured saves per run, besides the first and the final one (default 3)")
@@ -567,7 +662,8 @@ def main() -> None:
         f"train.micro_batch_size={preset['micro_batch']}", f"train.global_batch_size={preset['micro_batch'] * world}",
         f"train.precision={preset['precision']}", f"train.device={preset['device']}", "train.log_every=1000000",
         "optim.warmup_steps=0", "optim.schedule=constant", "logging.wandb=disabled",
-        f"checkpoint.every={args.save_every}"])
+        f"checkpoint.every={args.save_every}", f"parallel.engine={args.engine}",
+        f"optim.distributed_optimizer={str(args.distributed_optimizer).lower()}"])
     ctx = init_parallel(config.train.device, config.train.seed, config.layout)
     setup_logging(ctx.rank)
     if not args.verbose:
@@ -668,7 +764,7 @@ def main() -> None:
             evict_page_cache(path)
         collectives.barrier()
         t0 = time.monotonic()
-        manager.load(path, fresh.engine, fresh.checkpoint_parts())
+        _, (rss_base, rss_peak) = rec.rss.measure(manager.load, path, fresh.engine, fresh.checkpoint_parts())
         cold_s = time.monotonic() - t0
         t0 = time.monotonic()
         manager.load(path, fresh.engine, fresh.checkpoint_parts())
@@ -677,12 +773,23 @@ def main() -> None:
         manager.close()
         close_trainer(fresh)
         return {"path": str(path), "bytes": nbytes, "files": len(manifest["files"]), "verify_s": verify_s,
-                "load_cold_s": cold_s, "load_warm_s": warm_s, "weights_match": ok}
+                "load_cold_s": cold_s, "load_warm_s": warm_s, "weights_match": ok,
+                "load_rss_delta_mb": (rss_peak - rss_base) / 2**20, "load_rss_peak_mb": rss_peak / 2**20,
+                "written": bytes_per_rank(path) if ctx.rank == 0 else {}}
 
     last_round = args.rounds - 1
     load = load_from(roots["sync"][-1], f"sync/r{last_round}")
     fixes_load = load_from(roots["async+fixes"][-1], f"async+fixes/r{last_round}") if fix_names else None
 
+    # Every rank's own numbers: blocking time and host memory differ between DP ranks when one
+    # of them gathers or writes more than the others.
+    import resource
+
+    per_rank = collectives.all_gather_object({
+        "rank": ctx.rank, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+        "load_rss_delta_mb": load["load_rss_delta_mb"], "load_rss_peak_mb": load["load_rss_peak_mb"],
+        **{name: {k: results[name][k] for k in ("blocked_s", "save_rss_delta_mb", "save_rss_peak_mb")}
+           for name in variants}})
     sync, asyn = results["sync"], results["async"]
     ratio = asyn["blocked_s"] / sync["blocked_s"]
     mb = load["bytes"] / 1e6
@@ -693,7 +800,9 @@ def main() -> None:
         print(f"\ndevice {ctx.device.type} ({device}), {ctx.layout.world_size} process(es), "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs; "
               f"{preset['layers']} layers × {preset['hidden']}, seq {preset['seq_len']}, micro-batch "
-              f"{preset['micro_batch']}, {preset['precision']}, vocab {vocab_size}: {n_params / 1e6:.1f}M params")
+              f"{preset['micro_batch']}, {preset['precision']}, vocab {vocab_size}: {n_params / 1e6:.1f}M params; "
+              f"engine {engine.describe(config.parallel)}"
+              f"{' with the distributed optimizer' if args.distributed_optimizer else ''}, dp={ctx.layout.dp}")
         print(f"checkpoint {mb:.1f} MB in {load['files']} files; save every {args.save_every} steps, "
               f"{steps_per_run} steps per run, {args.rounds} rounds × {len(variants)} variants "
               f"(order alternating), {train_wall:.0f}s; median clean train step {sync['clean_step_s'] * 1e3:.0f} ms")
@@ -734,6 +843,20 @@ def main() -> None:
               f"load cold {load['load_cold_s'] * 1e3:.0f} ms ({mb / load['load_cold_s']:.0f} MB/s), "
               f"warm {load['load_warm_s'] * 1e3:.0f} ms ({mb / load['load_warm_s']:.0f} MB/s); "
               f"weights match the trainer's at save time: {load['weights_match']}")
+        print()
+        print("per rank (host memory: the training process's resident set; 'above' = the peak during the save's "
+              "blocking calls, or the load, minus the level just before):")
+        print(f"  {'rank':<6}" + "".join(f"{name + ' blocked ms':>20}{name + ' above MB':>18}{name + ' peak MB':>17}"
+                                         for name in variants) + f"{'load above MB':>15}{'load peak MB':>14}"
+              f"{'max RSS MB':>12}{'written MB':>12}")
+        for r in per_rank:
+            written = load["written"].get(f"rank {r['rank']}", 0) / 1e6
+            print(f"  {r['rank']:<6}" + "".join(f"{r[n]['blocked_s'] * 1e3:>20.0f}{r[n]['save_rss_delta_mb']:>18.0f}"
+                                                 f"{r[n]['save_rss_peak_mb']:>17.0f}" for n in variants)
+                  + f"{r['load_rss_delta_mb']:>15.0f}{r['load_rss_peak_mb']:>14.0f}{r['max_rss_mb']:>12.0f}"
+                  f"{written:>12.1f}")
+        print(f"  written by no rank in particular (metadata, common.pt, kiln files): "
+              f"{load['written'].get('common', 0) / 1e6:.2f} MB (bytes of {Path(load['path']).name} of the last sync run)")
         if fixes_load is not None:
             print(f"async+fixes ({', '.join(fix_names)}): its last checkpoint ({fixes_load['bytes'] / 1e6:.1f} MB) "
                   f"loads back, weights match: {fixes_load['weights_match']}")
@@ -745,7 +868,7 @@ def main() -> None:
                    "rounds": args.rounds, "loadavg": [load_before, load_after], "checkpoint_bytes": load["bytes"],
                    "variants": results,
                    "ratio_async_sync": ratio, "save_mb_s": save_mbps, "load_mb_s": load_mbps, "load": load,
-                   "fixes": fix_names, "fixes_load": fixes_load,
+                   "fixes": fix_names, "fixes_load": fixes_load, "per_rank": per_rank,
                    "steps": [{k: v for k, v in st.items() if k not in ("t0", "t1")} for st in rec.steps]}
             Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     close_trainer(trainer)

@@ -105,17 +105,6 @@ def test_pipeline_with_deepspeed_stops_before_launch(tmp_path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_checkpoint_writers_balance_bytes_over_dp_ranks() -> None:
-    import torch
-
-    from kiln.engine.portable_state import writers
-
-    shapes = {"embedding": torch.Size([100]), "fc1": torch.Size([60]), "fc2": torch.Size([50]), "norm": torch.Size([10])}
-    owner = writers(shapes, dp=2)
-    assert owner == {"embedding": 0, "fc1": 1, "fc2": 1, "norm": 0}  # 110 and 110 elements
-    assert set(writers(shapes, dp=1).values()) == {0}
-
-
 def test_dry_run_names_the_zero_stage_and_offload() -> None:
     out = kiln("train", "configs/tiny.yaml", "--dry-run", "--world-size", "4", *zero(3),
                "parallel.offload_optimizer=cpu").stdout

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine import portable_state
 from kiln.engine.base import Engine, SavedEngine, StepResult
+from kiln.engine.flat_shards import FlatShare
 from kiln.engine.forward import TokenBatches, mean_loss
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, param_groups, scheduler_state
 from kiln.errors import KilnConfigError, KilnEnvironmentError
@@ -293,17 +294,45 @@ class DeepSpeedEngine(Engine):
 
     # -- checkpoint state -------------------------------------------------------------------
     def sharded_state_dict(self, *, is_loading: bool, saved: SavedEngine | None = None) -> dict[str, Any]:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        def full_values(key, param):
-            return {"master": safe_get_full_fp32_param(param),
-                    **{name: safe_get_full_optimizer_state(param, name) for name in portable_state.MOMENTS}}
-
+        lazy_link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if lazy_link is not None:  # ZeRO-1/2 link moments to parameters at the first step; a save or load may come first
+            lazy_link()
         return portable_state.sharded_state(
-            self.checkpoint_template, dict(self.module.named_parameters()), full_values,
-            dp=self.ctx.layout.dp, dp_rank=self.ctx.coords["dp"], rank=self.ctx.rank,
-            half=self.train_config.precision != "fp32", is_loading=is_loading,
+            self.checkpoint_template, dict(self.module.named_parameters()), self._local_share,
+            half=self.train_config.precision != "fp32", is_loading=is_loading, rank=self.ctx.rank,
             common={} if is_loading else self._common_state(), request=portable_state.request_for(saved))
+
+    def _local_share(self, key: str, param: torch.nn.Parameter) -> FlatShare | None:
+        """This rank's range of a parameter's fp32 master and moments, as views of ZeRO's partitions."""
+        if self.zero_stage == 3:
+            return self._zero3_share(param)
+        fragment = getattr(param, "_hp_mapping", None)  # ZeRO-1/2: None where this rank holds none of it
+        if fragment is None:
+            return None
+        tensors = {"master": fragment.get_hp_fragment(),
+                   **{name: fragment.get_hp_fragment(name) for name in portable_state.MOMENTS}}
+        return FlatShare(fragment.lp_fragment_address.start, tensors)
+
+    def _zero3_share(self, param: torch.nn.Parameter) -> FlatShare | None:
+        """ZeRO-3 keeps slice ``rank`` of each flattened parameter (the last one padded)."""
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        zero3, size = self.optimizer, param.ds_tensor.ds_numel
+        start = dist.get_rank(group=param.ds_process_group) * size
+        count = min(param.ds_numel, start + size) - start
+        if count <= 0:
+            return None
+        local = {"master": zero3.get_local_fp32_param(param),
+                 **{name: zero3.get_local_fp32_param(param, name) for name in portable_state.MOMENTS}}
+        if zero3.swap_optimizer:  # NVMe: the buffers it swapped the partition into are reused next call
+            local = {name: value.clone() for name, value in local.items()}
+
+        def store() -> None:  # a no-op copy where ``local`` are views of the partitions themselves
+            safe_set_local_fp32_param(param, local["master"])
+            for name in portable_state.MOMENTS:
+                safe_set_local_optimizer_state(param, local[name], name)
+
+        return FlatShare(start, {name: value[:count] for name, value in local.items()}, store)
 
     def _common_state(self) -> dict[str, Any]:
         steps = {int(state["step"]) for state in self.base_optimizer.state.values() if "step" in state}
@@ -315,18 +344,9 @@ class DeepSpeedEngine(Engine):
         return state
 
     def load_sharded_state_dict(self, loaded: dict[str, Any], saved: SavedEngine) -> None:
-        """Write loaded whole values into ZeRO's partitions (master weights, moments, working weights)."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        lazy_link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if lazy_link is not None:  # ZeRO-1/2 link moments to parameters at the first step; loading is first
-            lazy_link()
-        device = self.ctx.device
-        for key, param in self.module.named_parameters():
-            values = portable_state.loaded_values(loaded, key)
-            safe_set_full_fp32_param(param, values["master"].to(device))
-            for name in portable_state.MOMENTS:
-                safe_set_full_optimizer_state(param, values[name].to(device), name)
+        """The loaded ranges are in ZeRO's partitions (master weights, moments); the working
+        weights follow from the masters."""
+        portable_state.finish_load(loaded)
         self._masters_to_working_weights()
         common = portable_state.loaded_common(loaded, saved.state, saved.step)
         for state in self.base_optimizer.state.values():

@@ -24,9 +24,10 @@ import torch
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine import portable_state
 from kiln.engine.base import Engine, SavedEngine, StepResult
+from kiln.engine.flat_shards import FlatShare
 from kiln.engine.forward import TokenBatches, mean_loss
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, param_groups, scheduler_state
-from kiln.errors import KilnConfigError
+from kiln.errors import KilnCheckpointError, KilnConfigError
 from kiln.parallel import collectives
 
 _COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -191,16 +192,28 @@ class FSDPEngine(Engine):
 
     # -- checkpoint state -------------------------------------------------------------------
     def sharded_state_dict(self, *, is_loading: bool, saved: SavedEngine | None = None) -> dict[str, Any]:
-        def full_values(key, param):  # all-gathers over the DP mesh; TP-local values stay TP-local
-            state = self.optimizer.state[param]
-            return {"master": param.full_tensor().detach(),
-                    **{name: state[name].full_tensor() for name in portable_state.MOMENTS}}
-
         return portable_state.sharded_state(
-            self.checkpoint_template, dict(self.module.named_parameters()), full_values,
-            dp=self.ctx.layout.dp, dp_rank=self.ctx.coords["dp"], rank=self.ctx.rank,
-            half=self.train_config.precision != "fp32", is_loading=is_loading,
+            self.checkpoint_template, dict(self.module.named_parameters()), self._local_share,
+            half=self.train_config.precision != "fp32", is_loading=is_loading, rank=self.ctx.rank,
             common={} if is_loading else {"adam_step": self._adam_step()}, request=portable_state.request_for(saved))
+
+    def _local_share(self, key: str, param) -> FlatShare | None:
+        """This rank's block of rows of a parameter (FSDP2 shards dim 0 in ``torch.chunk``
+        pieces over the DP mesh): its fp32 values, which are the master weights, and moments."""
+        from torch.distributed.tensor import Shard
+
+        local, mesh = _local(param), param.device_mesh
+        rows = param.shape[0]
+        chunk = -(-rows // mesh.size())
+        first = min(mesh.get_local_rank() * chunk, rows)
+        if tuple(param.placements) != (Shard(0),) or local.shape[0] != min(chunk, rows - first):
+            raise KilnCheckpointError(f"fsdp parameter {key}: placements {param.placements}, local shape "
+                                      f"{tuple(local.shape)} are not the row blocks kiln checkpoints")
+        if local.numel() == 0:
+            return None
+        state = self.optimizer.state[param]
+        tensors = {"master": local.view(-1), **{name: _local(state[name]).view(-1) for name in portable_state.MOMENTS}}
+        return FlatShare(first * local[0].numel(), tensors)
 
     def _adam_step(self) -> int:
         steps = {int(state["step"]) for state in self.optimizer.state.values() if "step" in state}
@@ -208,22 +221,10 @@ class FSDPEngine(Engine):
 
     @torch.no_grad()
     def load_sharded_state_dict(self, loaded: dict[str, Any], saved: SavedEngine) -> None:
-        """Keep this rank's DP shard of every loaded whole value (no communication)."""
-        from torch.distributed.tensor import distribute_tensor
-
+        """The loaded rows are in this rank's shards already (no communication)."""
+        portable_state.finish_load(loaded)
         adam_step = portable_state.loaded_common(loaded, saved.state, saved.step)["adam_step"]
-        for key, param in self.module.named_parameters():
-            values = portable_state.loaded_values(loaded, key)
-
-            def shard(full: torch.Tensor) -> torch.Tensor:
-                return distribute_tensor(full.to(_local(param).device, torch.float32), param.device_mesh,
-                                         param.placements, src_data_rank=None)
-
-            # Into the existing local shard: FSDP's padded sharded storage must stay the same tensor.
-            _local(param).copy_(shard(values["master"]).to_local())
-            state = self.optimizer.state[param]
-            for name in portable_state.MOMENTS:
-                _local(state[name]).copy_(shard(values[name]).to_local())
+        for state in self.optimizer.state.values():
             state["step"].fill_(adam_step)
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import torch
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine.base import Engine, SavedEngine, StepResult
 from kiln.engine.forward import TokenBatches, mean_loss
-from kiln.engine.megatron_checkpoint import (OPTIMIZER_METADATA, ensure_adam_state, optimizer_step_count,
-                                             torch_adam_load_fixes)
+from kiln.engine import megatron_checkpoint
+from kiln.engine.megatron_checkpoint import optimizer_step_count
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, scheduler_state
 from kiln.errors import KilnConfigError
 
@@ -83,8 +83,7 @@ class MegatronEngine(Engine):
                             params_dtype=torch.bfloat16 if bf16 else torch.float32,
                             use_distributed_optimizer=o.distributed_optimizer),
             self.models, pg_collection=ctx.pg_collection, use_gloo_process_groups=False)
-        if cuda:
-            use_fused_torch_adam(self.optimizer)
+        choose_adam_kernel(self.optimizer, fused=cuda)
         self.scheduler = build_lr_scheduler(o, self.train_config.max_steps, self.optimizer)
         # How the schedules finish a step's gradients: all-reduce over dp (and the tied embedding
         # over first/last stage), with the loss scale applied by the optimizer.
@@ -187,18 +186,13 @@ class MegatronEngine(Engine):
 
     # -- checkpoint state -------------------------------------------------------------------
     def sharded_state_dict(self, *, is_loading: bool, saved: SavedEngine | None = None) -> dict[str, Any]:
-        if is_loading:
-            ensure_adam_state(self.optimizer)
-        elif self._overlaps_param_gather:
+        if not is_loading and self._overlaps_param_gather:
             self._gather_updated_params()
-        state = {f"model{i}": model.module.sharded_state_dict() for i, model in enumerate(self.models)}
+        state = megatron_checkpoint.sharded_state(self.models, self.optimizer, self.ctx.pg_collection.dp_cp,
+                                                  is_loading=is_loading)
         if saved is not None:
             self._kept_extra_state = [_drop_unsaved_extra_state(state[f"model{i}"], saved.tensor_keys)
                                       for i in range(len(self.models))]
-        # The optimizer maps its params to the model's ShardedTensors through all chunks (nested,
-        # not merged: interleaved chunks share local key names).
-        state["optimizer"] = self.optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
-                                                               metadata=OPTIMIZER_METADATA)
         return state
 
     def _gather_updated_params(self) -> None:
@@ -211,10 +205,9 @@ class MegatronEngine(Engine):
     def load_sharded_state_dict(self, loaded: dict[str, Any], saved: SavedEngine) -> None:
         for index, model in enumerate(self.models):
             own = model.module.state_dict()
-            kept = {name: own[name] for name in self._kept_extra_state[index]}
-            model.module.load_state_dict({**loaded[f"model{index}"], **kept})
-        with torch_adam_load_fixes(self.optimizer):
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            loaded[f"model{index}"].update({name: own[name] for name in self._kept_extra_state[index]})
+        megatron_checkpoint.load_sharded_state(self.models, self.optimizer, loaded)
+        choose_adam_kernel(self.optimizer, fused=self.ctx.device.type == "cuda")
 
     def state_dict(self) -> dict[str, Any]:
         return {"scheduler": scheduler_state(self.scheduler), "adam_step": optimizer_step_count(self.optimizer)}
@@ -241,18 +234,26 @@ def _drop_unsaved_extra_state(model_state: dict[str, Any], saved_keys: frozenset
     return absent
 
 
-def use_fused_torch_adam(optimizer) -> None:
-    """Switch megatron-core's torch AdamW (used when neither TE nor Apex is installed) to torch's
-    fused CUDA kernel: one launch for all parameters instead of a few per tensor.
+def choose_adam_kernel(optimizer, *, fused: bool) -> None:
+    """Run megatron-core's torch AdamW (used when neither TE nor Apex is installed) with torch's
+    fused CUDA kernel on GPUs: one launch for all parameters instead of a few per tensor.
 
     megatron-core builds it without options; torch reads ``fused`` from the parameter group at
-    every step, so setting it afterwards is enough. TE's and Apex's FusedAdam are left alone.
+    every step, so setting it afterwards is enough. It is set again after a checkpoint load,
+    whose parameter groups carry the writer's choice (a CPU rehearsal's is not fused), and the
+    fused kernel wants each ``step`` on the parameter's device. TE's and Apex's FusedAdam are
+    left alone.
     """
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         adam = inner.optimizer
-        if type(adam) in (torch.optim.Adam, torch.optim.AdamW):
-            for group in adam.param_groups:
-                group.update(fused=True, foreach=False)
+        if type(adam) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for group in adam.param_groups:
+            group.update(fused=fused or None, foreach=False if fused else None)
+        if fused:
+            for param, state in adam.state.items():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(param.device, torch.float32)
 
 
 ENGINE = MegatronEngine

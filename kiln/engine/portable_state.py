@@ -2,9 +2,9 @@
 
 ZeRO and FSDP keep each parameter's state as flat partitions over the data-parallel ranks
 (padded, in an engine-specific order), which only load at the DP size that wrote them. These
-engines instead gather every parameter's whole (TP-local) value and Adam moments and write
-them as megatron-core ShardedTensors carrying the model's own TP sharding, under the keys
-megatron-core's optimizer uses:
+engines instead store every parameter's whole (TP-local) value and Adam moments as
+megatron-core ShardedTensors carrying the model's own TP sharding (each DP rank writing the
+part it holds, see below), under the keys megatron-core's optimizer uses:
 
 * ``model0.<param>``: the working weights (the megatron engine's keys exactly);
 * ``optimizer.state.exp_avg.<param>``, ``optimizer.state.exp_avg_sq.<param>``: Adam's moments;
@@ -16,10 +16,13 @@ or from one of these engines to the other), and a megatron engine checkpoint loa
 tensors have the same keys (its master weights are ``optimizer.state.param`` with the
 distributed optimizer), and its Adam step is in its kiln.json state.
 
-Saving: the gathers are collective, one parameter at a time, so every DP rank sees each whole
-value for a moment; each parameter is kept (in CPU memory) and written by one DP rank only,
-chosen to balance bytes, so each rank holds and writes about 1/dp of the state. Loading reads
-the whole values on every rank (in CPU memory) and each rank keeps its own share of them.
+Each rank writes and reads only what it holds (:mod:`kiln.engine.flat_shards`): ZeRO and
+FSDP keep each parameter's master weights and moments as one contiguous range of its
+flattened value per DP rank (a ZeRO-1/2 partition fragment, a ZeRO-3 slice, an FSDP block of
+rows); the engine hands those ranges over as views of its live state, a save writes them
+(with the working weight cast from the master) without any gather, and a load reads the
+ranges of the new layout straight into them. So every rank writes about 1/dp of the bytes,
+and neither side holds more host memory than its own share.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from kiln.errors import KilnCheckpointError
+from kiln.engine.flat_shards import FlatShare, flat_entries, settle
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 PREFIX = "optimizer.state"
@@ -49,38 +52,6 @@ def checkpoint_template(module: torch.nn.Module) -> dict[str, Any]:
         if key in params:
             entry.data = torch.empty(params[key].shape, dtype=params[key].dtype, device="meta")
     return template
-
-
-def _placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """Right shape, no memory: for copies this rank declares but does not write."""
-    return torch.zeros((), dtype=dtype).expand(shape)
-
-
-def _entry(template_entry, key: str | None, data: torch.Tensor, replica_shift: int):
-    """A ShardedTensor/Factory like the template's, with ``data``, whose replica id has
-    ``replica_shift`` as its DP component (megatron's last): 0 on the DP rank that writes it."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    replica = template_entry.replica_id
-    replica = (*replica[:-1], replica_shift) if isinstance(replica, tuple) else replica_shift
-    changes: dict[str, Any] = {"data": data, "replica_id": replica}
-    if key is not None:
-        changes["key"] = key
-    if isinstance(template_entry, ShardedTensor):  # a factory takes its dtype from data
-        changes["dtype"] = data.dtype
-    return dataclasses.replace(template_entry, **changes)
-
-
-def writers(shapes: dict[str, torch.Size], dp: int) -> dict[str, int]:
-    """The DP rank that keeps and writes each parameter: largest first onto the least loaded
-    rank, so every rank writes about 1/dp of the bytes (the same answer on every rank)."""
-    load = [0] * dp
-    owner = {}
-    for key in sorted(shapes, key=lambda k: (-shapes[k].numel(), k)):
-        rank = min(range(dp), key=lambda r: (load[r], r))
-        owner[key] = rank
-        load[rank] += shapes[key].numel()
-    return owner
 
 
 def master_name_in(tensor_keys: Iterable[str]) -> str | None:
@@ -109,53 +80,60 @@ def request_for(saved) -> PortableRequest | None:
 
 
 def sharded_state(template: dict[str, Any], params: dict[str, torch.nn.Parameter],
-                  full_values: Callable[[str, torch.nn.Parameter], dict[str, torch.Tensor]],
-                  *, dp: int, dp_rank: int, rank: int, half: bool, is_loading: bool, common: dict[str, Any],
+                  local_share: Callable[[str, torch.nn.Parameter], FlatShare | None],
+                  *, half: bool, is_loading: bool, rank: int, common: dict[str, Any],
                   request: PortableRequest | None = None) -> dict[str, Any]:
-    """``{"model0": …, "optimizer": {…}}`` in the portable format.
+    """``{"model0": …, "optimizer": {…}}`` in the portable format, this rank's share only.
 
-    ``full_values(key, param)`` returns the whole (TP-local) fp32 ``master`` and Adam moments of
-    one parameter; it is collective, so every rank calls it for every parameter in the same order.
+    ``local_share(key, param)`` is the rank's range of one parameter: 1-D tensors ``master``
+    (fp32) and the Adam moments, views of the live state wherever the engine has them (a load
+    reads into them), or None where the rank holds none of it.
     """
     from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 
     request = request or PortableRequest(master=MASTER if half else None, has_common=True)
     model: dict[str, Any] = {k: v for k, v in template.items() if k not in params}  # e.g. _extra_state objects
-    names = (*MOMENTS, *((MASTER,) if half else ()))
-    optimizer: dict[str, Any] = {name: {} for name in names}
-    owner = writers({key: template[key].data.shape for key in params}, dp)
+    optimizer: dict[str, Any] = {name: {} for name in (*MOMENTS, MASTER)}
+    shares = []
     for key, param in params.items():
-        entry = template[key]
-        shape = entry.data.shape
-        if is_loading:  # every rank reads every value; replica ids must still be distinct
-            model[key] = _entry(entry, None, torch.empty(shape, dtype=entry.data.dtype), dp_rank)
-            for name in optimizer:
-                stored = request.master if name == MASTER else name
-                if stored is not None:
-                    optimizer[name][key] = _entry(entry, f"{PREFIX}.{stored}.{entry.key}", torch.empty(shape), dp_rank)
+        share = local_share(key, param)
+        if share is None or share.numel == 0:
             continue
-        shift = (dp_rank - owner[key]) % dp  # 0 on the DP rank that writes this parameter
-        values = full_values(key, param)
-        master = values["master"].view(shape)
-        weight = master.to(entry.data.dtype)  # the working weight is the master in the training dtype
-        model[key] = _entry(entry, None, weight.cpu() if shift == 0 else _placeholder(shape, weight.dtype), shift)
-        for name in optimizer:
-            value = master if name == MASTER else values[name].view(shape)
-            data = value.cpu() if shift == 0 else _placeholder(shape, value.dtype)
-            optimizer[name][key] = _entry(entry, f"{PREFIX}.{name}.{entry.key}", data, shift)
+        entry, master = template[key], share.tensors["master"]
+
+        def blocks(prefix: str, flat: torch.Tensor) -> list:
+            return flat_entries(entry, prefix, flat, share.start)
+
+        requested: dict[tuple[str, str], list] = {}
+        if is_loading:  # the master from where the checkpoint keeps it: its masters, else its weights
+            where = ("model0", key) if request.master is None else (MASTER, key)
+            requested[where] = blocks("" if request.master is None else f"{PREFIX}.{request.master}.", master)
+        else:  # the working weight is the master in the training dtype
+            requested["model0", key] = blocks("", master.to(entry.data.dtype))
+            if half:
+                requested[MASTER, key] = blocks(f"{PREFIX}.{MASTER}.", master)
+        for name in MOMENTS:
+            requested[name, key] = blocks(f"{PREFIX}.{name}.", share.tensors[name])
+        for (where, _), value in requested.items():
+            (model if where == "model0" else optimizer[where])[key] = value
+        shares.append((share, requested))
+    optimizer = {name: tensors for name, tensors in optimizer.items() if tensors}
     if request.has_common:
         optimizer["common"] = ShardedObject(COMMON_KEY, {} if is_loading else common, (1,), (0,), replica_id=rank)
+    if is_loading:
+        optimizer["local_shares"] = LocalNonpersistentObject(shares)
     return {"model0": model, "optimizer": optimizer}
 
 
-def loaded_values(loaded: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
-    """The whole fp32 master and moments of one parameter from a loaded :func:`sharded_state`."""
-    model, optimizer = loaded["model0"], loaded["optimizer"]
-    if key not in model:
-        raise KilnCheckpointError(f"checkpoint has no value for parameter {key}")
-    masters = optimizer.get(MASTER, {})
-    master = masters[key] if key in masters else model[key]
-    return {"master": master.float(), **{name: optimizer[name][key].float() for name in MOMENTS}}
+def finish_load(loaded: dict[str, Any]) -> None:
+    """Make sure every share holds what was loaded for it, and hand it back to the engine where
+    the share was a copy (:attr:`FlatShare.store`)."""
+    for share, requested in loaded["optimizer"]["local_shares"]:
+        for (where, key), blocks in requested.items():
+            settle(blocks, (loaded["model0"] if where == "model0" else loaded["optimizer"][where])[key])
+        if share.store is not None:
+            share.store()
 
 
 def loaded_common(loaded: dict[str, Any], saved_state: dict[str, Any], saved_step: int) -> dict[str, Any]:
