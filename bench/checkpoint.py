@@ -91,6 +91,20 @@ sharded state, and rank 0 wrote everything; after, each rank writes its own rang
 
 (the 0.09 MB of metadata and common state are rank 0's in both). The async ratio is now
 0.12, the fixed overheads above; the sync save is the two ranks' writes in parallel.
+
+The portable format (``--engine deepspeed``: ZeRO-1, dp=2, ``--saves 2 --rounds 1``, a 1334 MB
+checkpoint, same machine load). Before, a save all-reduced every parameter's whole master and
+moments (each rank kept and wrote half of them) and a load read every whole value on every
+rank; after, each rank saves and loads its own ZeRO fragments, in place:
+
+    per save: median                      before: rank 0 / rank 1   after: rank 0 / rank 1
+    blocked, sync                         9.7 s / 9.6 s             6.6 s / 6.6 s
+    blocked, async                        2.28 s / 2.41 s           0.35 s / 0.29 s
+    host memory above pre-save, sync      416 MB / 605 MB           294 MB / 183 MB
+    host memory above pre-save, async     393 MB / 300 MB           0 MB / 0 MB
+    bytes written                         667.2 MB / 667.1 MB       667.2 MB / 667.1 MB
+    cold load: host memory above          1574 MB / 1381 MB         425 MB / 425 MB
+    cold load: time, peak host memory     7.0 s, 5902 / 5783 MB     3.0 s, 4346 / 4538 MB
 """
 
 from __future__ import annotations
