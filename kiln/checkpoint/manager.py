@@ -32,6 +32,7 @@ from kiln.checkpoint.helpers import quiet_helper_process
 from kiln.config import CheckpointConfig, ModelConfig
 from kiln.errors import KilnCheckpointError
 from kiln.parallel import collectives
+from kiln.parallel.megatron_compat import async_save_kwargs
 
 log = logging.getLogger("kiln")
 
@@ -209,7 +210,7 @@ class CheckpointManager:
         collectives.barrier()
         sharded = engine.sharded_state_dict(is_loading=False)
         sharded["rng"] = ckpt_state.rng_sharded_object(self.rng, self.ctx.layout, self.ctx.coords, is_loading=False)
-        request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
+        request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True, **async_save_kwargs())
         request = request._replace(async_fn=_with_file_record(request.async_fn, partial, self.rank))
         request.add_finalize_fn(functools.partial(self._publish, step))
         if self.cfg.async_save and not blocking:
