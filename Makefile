@@ -1,4 +1,6 @@
 # The two commands of the README: `make train` and `make test`. Both set up .venv first.
+# Another Python: `make test PYTHON=python3.12 VENV=.venv312`.
+PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
@@ -10,8 +12,14 @@ TEST_WORKERS ?= 2
 
 .PHONY: train test install dry-run bench clean
 
+# The interpreter's own path. pyenv's shim for an installed but unselected version (python3.12
+# while 3.11 is pyenv's global one) refuses to run; then pyenv is asked among all its versions.
+PYTHON_EXE = $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | paste -sd:) pyenv which $(PYTHON) 2>/dev/null)
+
 $(PY):
-	python3 -m venv $(VENV)
+	@test -n "$(PYTHON_EXE)" || { echo "PYTHON=$(PYTHON): no such interpreter on PATH or in pyenv" >&2; exit 1; }
+	$(PYTHON_EXE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 # Reinstall only when the dependency list changes.

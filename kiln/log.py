@@ -36,6 +36,9 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    # megatron-core 0.19 says these on import: an optional logging package, an unused model class.
+    warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
+    warnings.filterwarnings("ignore", message=".*MimoModelConfig is experimental.*")
     # torch says this on every CPU-only import of cpp_extension (megatron-core imports it).
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")

@@ -32,6 +32,7 @@ from kiln.checkpoint.helpers import quiet_helper_process
 from kiln.config import CheckpointConfig, ModelConfig
 from kiln.errors import KilnCheckpointError
 from kiln.parallel import collectives
+from kiln.parallel.megatron_compat import async_save_kwargs, check_can_read_checkpoint
 
 log = logging.getLogger("kiln")
 
@@ -57,10 +58,12 @@ def check_resume_settings(checkpoint: CheckpointConfig, run_dir: str | None, eng
     else:
         return
     try:
-        engine = ckpt_state.read_metadata(candidate)["engine"]
+        meta = ckpt_state.read_metadata(candidate)
+        engine = meta["engine"]
     except (KilnCheckpointError, ValueError, KeyError):
         return  # unreadable: the verified resume in the workers names the problem and falls back
     engine_cls.check_can_load(engine["name"], engine["checkpoint_format"], candidate)
+    check_can_read_checkpoint(meta.get("versions", {}).get("megatron-core", "unknown"), candidate)
 
 
 def _mixing_runs_message(root: Path, own: list[int]) -> str:
@@ -172,6 +175,7 @@ class CheckpointManager:
                             state=meta["engine"]["state"], step=int(meta["step"]),
                             tensor_keys=ckpt_state.tensor_keys(path))
         engine.check_can_load(saved.name, saved.checkpoint_format, path)
+        check_can_read_checkpoint(meta.get("versions", {}).get("megatron-core", "unknown"), path)
         # RNG states belong to (pp, tp, cp) positions; under another layout they mean nothing.
         with_rng = ckpt_state.same_rng_layout(meta, self.ctx.layout)
         started = time.perf_counter()
@@ -209,7 +213,7 @@ class CheckpointManager:
         collectives.barrier()
         sharded = engine.sharded_state_dict(is_loading=False)
         sharded["rng"] = ckpt_state.rng_sharded_object(self.rng, self.ctx.layout, self.ctx.coords, is_loading=False)
-        request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
+        request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True, **async_save_kwargs())
         request = request._replace(async_fn=_with_file_record(request.async_fn, partial, self.rank))
         request.add_finalize_fn(functools.partial(self._publish, step))
         if self.cfg.async_save and not blocking:

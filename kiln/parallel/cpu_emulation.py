@@ -4,6 +4,8 @@ megatron-core is written for CUDA. Its layers, pipeline schedules, DDP and optim
 CPU once a few assumptions hold, and this module makes them hold for the whole process:
 
 * ``torch.cuda.current_device()`` places buffers; it yields the CPU device.
+  ``torch.cuda.current_stream()`` (megatron-core 0.19's gradient buffers wait on it for CUDA
+  graph events) yields torch's CPU stream, whose waits are no-ops.
 * Factory calls with a literal ``device="cuda"`` (the schedule's token counter, gradient
   clipping's norm buffer, the default causal mask) are mapped to CPU by a
   ``TorchFunctionMode``, which also makes ``Tensor.cuda()`` a no-op.
@@ -118,6 +120,7 @@ def install() -> None:
         torch.cuda.device_count = lambda: 0  # type: ignore[assignment]
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda *a, **k: torch.cpu.current_stream()  # type: ignore[assignment]
     torch.cuda.manual_seed = torch.manual_seed  # type: ignore[assignment]
     torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()  # type: ignore[assignment]

@@ -1,4 +1,4 @@
-"""Documents as sequences of cached text segments: tokens, dedup words and word counts in numpy.
+r"""Documents as sequences of cached text segments: tokens, dedup words and word counts in numpy.
 
 Prose repeats its words, so a worker analyses each distinct *segment* once and keeps the result.
 A document is cut before every space followed by non-whitespace and before every newline that

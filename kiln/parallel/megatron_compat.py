@@ -1,0 +1,49 @@
+"""What differs between the megatron-core versions kiln supports, in one place.
+
+kiln runs on megatron-core 0.16.1 (the registry's newest for Python 3.11) and 0.19.2 (Python
+3.12). Code elsewhere calls megatron-core the same way on both; where an API changed, it asks
+this module instead of testing versions itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import version
+
+
+@functools.cache
+def megatron_core_version() -> tuple[int, int]:
+    """(major, minor) of the installed megatron-core."""
+    major, minor = version("megatron-core").split(".")[:2]
+    return int(major), int(minor)
+
+
+def async_save_kwargs() -> dict[str, str]:
+    """Extra arguments for ``dist_checkpointing.save(..., async_sharded_save=True)``.
+
+    From 0.17 on, the async save defaults to ``async_strategy="nvrx"``, which needs the
+    nvidia-resiliency-ext package; kiln asks for megatron-core's own writer ("mcore"), the one
+    0.16 always used and the one whose results queue kiln's checkpoint manager starts itself.
+    """
+    return {} if megatron_core_version() < (0, 17) else {"async_strategy": "mcore"}
+
+
+def check_can_read_checkpoint(saved_version: str, where) -> None:
+    """Refuse, naming why, a checkpoint this megatron-core cannot read.
+
+    megatron-core 0.19 keeps a checkpoint's common (non-tensor) state inside the DCP files;
+    0.16 reads it only from a ``common.pt`` file, so it cannot load what 0.19 saved (0.19
+    reads both). ``saved_version`` is the megatron-core version in the checkpoint's kiln.json.
+    """
+    try:
+        saved = tuple(int(part) for part in saved_version.split(".")[:2])
+    except ValueError:  # "unknown": a checkpoint that did not record it
+        return
+    if saved >= (0, 19) > megatron_core_version():
+        from kiln.errors import KilnCheckpointError
+
+        raise KilnCheckpointError(
+            f"checkpoint {where} was saved with megatron-core {saved_version}, which keeps state this "
+            f"megatron-core ({version('megatron-core')}) cannot read; resume it on Python 3.12 with "
+            f"megatron-core 0.19 (make ... PYTHON=python3.12 VENV=.venv312), or export its weights "
+            f"with `kiln ckpt convert`")
