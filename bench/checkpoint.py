@@ -370,6 +370,7 @@ def instrument(rec: Recorder, fixes: Fixes, writer_log: Path, engine_cls) -> Non
     from kiln.checkpoint import manager as manager_mod
     from kiln.checkpoint import state as ckpt_state
     from kiln.checkpoint import store
+    from kiln.parallel.megatron_compat import megatron_core_version
 
     Manager = manager_mod.CheckpointManager
     for kind in ("save", "poll", "wait"):
@@ -402,14 +403,24 @@ def instrument(rec: Recorder, fixes: Fixes, writer_log: Path, engine_cls) -> Non
     dcp.save = dcp_save
     rec.wrap(serialization, "save_preprocess", "save_preprocess")
     rec.wrap(state_dict_utils, "validate_sharding_integrity", "validate_sharding_integrity")
-    rec.wrap(dcp_common.TorchCommonSaveStrategy, "save_common", "save_common (common.pt)")
+    if megatron_core_version() < (0, 17):
+        rec.wrap(dcp_common.TorchCommonSaveStrategy, "save_common", "save_common (common.pt)")
+        plan_module, write_shards = dcp_torch, "write_preloaded_data_multiproc"
+    else:
+        # 0.17 on: the async save looks its plan/finalize functions up in state_dict_saver at every
+        # save, and writes shards from threads; 0.19 keeps the common state in the DCP files (no common.pt).
+        from megatron.core.dist_checkpointing.strategies import state_dict_saver as plan_module
+
+        write_shards = "write_preloaded_data_multithread"
+        if megatron_core_version() < (0, 19):
+            rec.wrap(serialization, "save_common", "save_common (common.pt)")
     rec.wrap(dcp_torch.TorchDistSaveShardedStrategy, "async_save", "async_save (translate+plan)")
-    rec.wrap(dcp_torch, "save_state_dict_async_plan", "plan (save_state_dict_async_plan)")
-    rec.wrap(dcp_torch, "save_state_dict_async_finalize", "finalize: DCP .metadata")
+    rec.wrap(plan_module, "save_state_dict_async_plan", "plan (save_state_dict_async_plan)")
+    rec.wrap(plan_module, "save_state_dict_async_finalize", "finalize: DCP .metadata")
     Writer = filesystem_async.FileSystemWriterAsync
     rec.wrap(Writer, "prepare_write_data", "prepare_write_data")
     rec.wrap(Writer, "preload_tensors", "stage tensors (preload)", static=True)
-    rec.wrap(Writer, "write_preloaded_data_multiproc", "write shards (+fsync)", static=True)
+    rec.wrap(Writer, write_shards, "write shards (+fsync)", static=True)
     rec.wrap(async_utils.AsyncCallsQueue, "schedule_async_request", "schedule (stage + fork)")
     rec.wrap(async_utils.TemporalAsyncCaller, "is_current_async_call_done", "check done / join writer")
     rec.wrap(Writer, "retrieve_write_results", "retrieve write results")
