@@ -1,7 +1,7 @@
 """The megatron engine's checkpoint state: every data-parallel rank writes and reads its own share.
 
 On disk this is megatron-core's ``fully_reshardable`` distributed-optimizer format: the common
-optimizer state (param groups, step, grad scaler) in ``common.pt``, and per parameter the fp32
+optimizer state (param groups, step, grad scaler) in its common state (``common.pt`` up to megatron-core 0.18, inside the DCP files from 0.19), and per parameter the fp32
 main weights and Adam moments as whole tensors with the model's own TP/PP sharding, under
 ``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``; so any TP/PP/DP layout, and the
 deepspeed and fsdp engines, read it. What differs is who writes what:

@@ -39,12 +39,8 @@ def transformer_engine_missing() -> str | None:
     return None
 
 
-def transformer_engine_available() -> bool:
-    return transformer_engine_missing() is None
-
-
 def uses_transformer_engine(device_type: str) -> bool:
-    return device_type == "cuda" and transformer_engine_available()
+    return device_type == "cuda" and transformer_engine_missing() is None
 
 
 def select_layer_spec(device_type: str):
