@@ -145,10 +145,6 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp"):
             _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dp is None or self.dp >= 1, f"parallel.dp must be >= 1 (or omitted), got {self.dp}")
-        _check(
-            self.cp == 1,
-            f"parallel.cp={self.cp}: context parallelism is not available in this version of kiln yet; set parallel.cp=1",
-        )
         if self.virtual_pp is not None:
             _check(self.virtual_pp >= 1, f"parallel.virtual_pp must be >= 1, got {self.virtual_pp}")
             _check(
@@ -264,6 +260,9 @@ class DataConfig:
     """Data-loader worker processes per rank."""
     prefetch: int = 4
     """Micro-batches each rank reads ahead in a background thread while the step runs (0: on demand)."""
+    reset_attention_at_eos: bool = False
+    """Document masking: inside a packed sample no token attends across an end-of-document token, and
+    RoPE positions restart at each document (Megatron's reset_attention_mask + reset_position_ids)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
@@ -290,9 +289,10 @@ class TrainConfig:
     """Samples per optimizer step over all ranks: micro_batch_size × grad accumulation × dp."""
     seed: int = 1234
     """Seeds weights, dropout and data order; the same seed gives the same run."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["fp32", "bf16", "fp16", "fp8"] = "bf16"
     """Parameter/compute dtype; bf16 and fp16 keep fp32 master weights in the optimizer. fp16 (with
-    dynamic loss scaling) needs parallel.engine=deepspeed."""
+    dynamic loss scaling) needs parallel.engine=deepspeed. fp8 runs the linear layers' GEMMs in FP8
+    (the fp8: section) with bf16 parameters everywhere else; it needs an FP8-capable GPU."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """cuda with NCCL, or cpu with gloo (megatron-core CPU emulation); auto picks cuda when present."""
     log_every: int = 10
@@ -371,6 +371,53 @@ class LoggingConfig:
     """Every rank logs to <run_dir>/logs/rank<N>.log; rank 0 always prints to the console."""
 
 
+@dataclass(kw_only=True, slots=True)
+class KernelsConfig:
+    """Which kernels run the model (kiln.kernels)."""
+
+    attention: Literal["auto", "flash", "te", "sdpa", "flex"] = "auto"
+    """Attention backend: flash (flash-attn), te (Transformer Engine DotProductAttention), sdpa (PyTorch
+    scaled_dot_product_attention, any device), flex (PyTorch flex attention, block-sparse document masks);
+    auto picks the fastest one present for the device and logs the choice."""
+    compile: bool = False
+    """torch.compile each transformer layer (regional: one compiled graph reused by every layer)."""
+    cross_entropy: Literal["chunked", "plain"] = "plain"
+    """chunked computes the output layer and the loss over cross_entropy_chunk tokens at a time (recomputed
+    in backward), so the [tokens, vocab] fp32 logits never exist at once; plain is megatron-core's."""
+    cross_entropy_chunk: int = 4096
+    """Tokens per chunk of the chunked cross-entropy."""
+
+    def __post_init__(self) -> None:
+        _check(self.cross_entropy_chunk >= 1,
+               f"kernels.cross_entropy_chunk must be >= 1 token, got {self.cross_entropy_chunk}")
+
+
+# Which scaling recipes each FP8 backend offers.
+FP8_RECIPES = {"te": ("delayed", "tensorwise", "mxfp8"), "torchao": ("tensorwise", "rowwise")}
+
+
+@dataclass(kw_only=True, slots=True)
+class Fp8Config:
+    """train.precision=fp8: which library runs the FP8 GEMMs, and how it scales them."""
+
+    backend: Literal["te", "torchao"] = "te"
+    """te: Transformer Engine's FP8 linear layers (needs the TE layer spec); torchao: torchao float8
+    training on kiln's linear layers."""
+    recipe: Literal["delayed", "tensorwise", "mxfp8", "rowwise"] = "tensorwise"
+    """Scaling: delayed (TE: scales from an amax history), tensorwise (current per-tensor scaling),
+    mxfp8 (TE, Blackwell: 32-element block scales), rowwise (torchao: per-row scales)."""
+    amax_history_len: int = 1024
+    """recipe=delayed: steps of amax history kept per tensor."""
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """recipe=delayed: the scale follows the max of the history, or its newest entry."""
+
+    def __post_init__(self) -> None:
+        _check(self.recipe in FP8_RECIPES[self.backend],
+               f"fp8.recipe={self.recipe} is not a {self.backend} recipe; fp8.backend={self.backend} offers "
+               f"{', '.join(FP8_RECIPES[self.backend])}")
+        _check(self.amax_history_len >= 1, f"fp8.amax_history_len must be >= 1, got {self.amax_history_len}")
+
+
 # YAML spellings that are not valid Python identifiers.
 _KEY_ALIASES = {"async": "async_save"}
 
@@ -388,6 +435,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    """Used when train.precision=fp8."""
     deepspeed: dict[str, Any] | None = None
     """parallel.engine=deepspeed: extra DeepSpeed config keys, merged over the config kiln generates."""
 

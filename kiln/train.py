@@ -31,7 +31,9 @@ def build_run_engine(config: RunConfig, ctx, vocab_size: int):
     from kiln.model.builder import build_model
 
     options = config.engine_options()
-    return build_engine(config.parallel.engine, build_model(config.model, config.parallel, config.train, ctx, vocab_size),
+    model_parts = build_model(config.model, config.parallel, config.train, ctx, vocab_size, kernels=config.kernels,
+                              fp8=config.fp8, documents=config.data.reset_attention_at_eos)
+    return build_engine(config.parallel.engine, model_parts,
                         model=config.model, optim=config.optim, parallel=config.parallel, train=config.train, ctx=ctx,
                         **({"options": options} if options else {}))
 

@@ -26,13 +26,14 @@ def test_override_syntax_error():
     [
         ("optim.lrr=1", "unknown setting 'optim.lrr'; did you mean 'optim.lr'?"),
         ("modle.num_layers=2", "unknown setting 'modle'; did you mean 'model'?"),
-        ("train.precision=fp8", "train.precision: 'fp8' is not one of 'fp32', 'bf16'"),
+        ("train.precision=fp4", "train.precision: 'fp4' is not one of 'fp32', 'bf16'"),
         ("model.num_layers=2.5", "model.num_layers: expected an integer, got 2.5"),
         ("train.seed=true", "train.seed: expected an integer, got True"),
         ("model.hidden_size=65", "model.hidden_size(65) is not divisible by model.num_attention_heads(4): 65 / 4 = 16.25"),
         ("optim.min_lr=1.0", "optim.min_lr(1.0) must be in [0, optim.lr(0.0003)]"),
         ("model.num_query_groups=3", "model.num_attention_heads(4) is not divisible by model.num_query_groups(3)"),
-        ("parallel.cp=2", "parallel.cp=2: context parallelism is not available"),
+        ("kernels.attention=xformers", "kernels.attention: 'xformers' is not one of 'auto', 'flash'"),
+        ("fp8.recipe=rowwise", "fp8.recipe=rowwise is not a te recipe; fp8.backend=te offers delayed, tensorwise, mxfp8"),
     ],
 )
 def test_bad_values_name_the_setting(override, message):

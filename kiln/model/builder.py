@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from kiln.config import ModelConfig, ParallelConfig, TrainConfig
+from kiln.config import Fp8Config, KernelsConfig, ModelConfig, ParallelConfig, TrainConfig
 from kiln.kernels.fusions import fusion_settings
 from kiln.kernels.spec import initialize_tp_comm_overlap, select_block_spec, uses_transformer_engine
 from kiln.model.init import init_weights
@@ -90,9 +90,16 @@ def recompute_settings(train: TrainConfig) -> dict[str, object]:
 
 
 def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, ctx: ParallelContext,
-                vocab_size: int) -> list[torch.nn.Module]:
-    """This rank's model chunks, on its device, with weights initialised from train.seed."""
-    from megatron.core.models.gpt import GPTModel
+                vocab_size: int, *, kernels: KernelsConfig | None = None, fp8: Fp8Config | None = None,
+                documents: bool = False) -> list[torch.nn.Module]:
+    """This rank's model chunks, on its device, with weights initialised from train.seed.
+
+    ``documents``: batches carry document maps (data.reset_attention_at_eos), so RoPE positions
+    differ between the samples of a micro-batch.
+    """
+    from kiln.model.gpt import KilnGPTModel
+
+    kernels = kernels or KernelsConfig()
 
     if parallel.tp_comm_overlap:
         initialize_tp_comm_overlap(model_config, train, ctx)
@@ -102,7 +109,7 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
     padded = padded_vocab_size(vocab_size, model_config, layout.tp)
     models = []
     for vp_stage in range(chunks):
-        model = GPTModel(
+        model = KilnGPTModel(
             config=tconfig,
             transformer_layer_spec=select_block_spec(tconfig, ctx.device.type, pp_rank=coords["pp"],
                                                      vp_stage=vp_stage if layout.virtual_pp else None),
@@ -115,6 +122,8 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
             rotary_base=int(model_config.rope_theta),
             pg_collection=ctx.pg_collection,
             vp_stage=vp_stage if layout.virtual_pp else None,
+            cross_entropy=kernels.cross_entropy,
+            cross_entropy_chunk=kernels.cross_entropy_chunk,
         )
         # All parameters in the training dtype, as megatron's Float16Module does: the local
         # spec's torch norms otherwise stay fp32, which the bf16 optimizer's checkpoint
