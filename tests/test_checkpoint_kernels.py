@@ -19,7 +19,7 @@ import torch
 from kiln.kernels import attention
 from kiln.cli import main
 
-class AttentionWithExtraState(attention.SDPAttention):
+class AttentionWithExtraState(attention.KilnAttention):
     '''Carries extra state like Transformer Engine's modules (their FP8 scaling history).'''
     states_set = []
     def get_extra_state(self):
@@ -28,7 +28,7 @@ class AttentionWithExtraState(attention.SDPAttention):
         AttentionWithExtraState.states_set.append(float(state[0]))
 
 if sys.argv[1] == "extra-state":
-    attention.SDPAttention = AttentionWithExtraState
+    attention.KilnAttention = AttentionWithExtraState
 code = main(["train", "configs/tiny.yaml", *sys.argv[2:]])
 print("extra states set:", AttentionWithExtraState.states_set)
 sys.exit(code)

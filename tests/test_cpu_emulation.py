@@ -39,7 +39,7 @@ def test_states_round_trip_and_errors():
             pass
 
 
-def test_sdpa_attention_matches_megatron_dot_product_attention():
+def test_kiln_attention_matches_megatron_dot_product_attention():
     """kiln's SDPA core attention equals megatron-core's reference (causal, GQA) to fp32 rounding."""
     import subprocess
     import sys
@@ -52,14 +52,14 @@ from kiln.log import quiet_third_party; quiet_third_party()
 from kiln.config import config_from_dict
 from kiln.parallel.backend import init_parallel
 from kiln.model.builder import transformer_config
-from kiln.kernels.attention import SDPAttention
+from kiln.kernels.attention import KilnAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 config = config_from_dict({}, ["model.num_attention_heads=4", "model.num_query_groups=2", "train.precision=fp32"])
 ctx = init_parallel(config.train.device, config.train.seed, config.layout)
 tc = transformer_config(config.model, config.parallel, config.train, ctx)
 ref = DotProductAttention(tc, 1, AttnMaskType.causal, "self", pg_collection=ctx.pg_collection)
-ours = SDPAttention(tc, 1, AttnMaskType.causal, "self")
+ours = KilnAttention(tc, 1, AttnMaskType.causal, "self", backend="sdpa")
 g = torch.Generator().manual_seed(0)
 q = torch.randn(16, 2, 4, 16, generator=g); k = torch.randn(16, 2, 2, 16, generator=g); v = torch.randn(16, 2, 2, 16, generator=g)
 mask = torch.triu(torch.ones(16, 16, dtype=torch.bool), diagonal=1)

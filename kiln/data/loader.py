@@ -172,7 +172,8 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 class TrainLoader:
-    """Endless iterator of ``{"tokens": LongTensor[micro_batch_size, seq_len + 1]}``.
+    """Endless iterator of ``{"tokens": LongTensor[micro_batch_size, seq_len + 1]}``, plus with
+    ``documents`` each input token's document number (``"documents"``, [micro_batch_size, seq_len]).
 
     Iterate it once (``next(loader)``); its ``state_dict`` goes into each checkpoint and
     ``load_state_dict`` must be called before the first batch. With ``prefetch > 0`` a
@@ -182,7 +183,7 @@ class TrainLoader:
     """
 
     def __init__(self, dataset: Any, *, micro_batch_size: int, dp_size: int, num_workers: int,
-                 meta: dict | None, prefetch: int = 0, pin_memory: bool = False) -> None:
+                 meta: dict | None, prefetch: int = 0, pin_memory: bool = False, documents: bool = False) -> None:
         from streaming import StreamingDataLoader
 
         self.dataset = dataset
@@ -193,6 +194,11 @@ class TrainLoader:
         self.seq_len: int = int(self.meta.get("seq_len") or 0)
         self.vocab_size: int | None = self.meta.get("vocab_size")
         self.eos_id: int | None = self.meta.get("eos_id")
+        if documents and self.eos_id is None:
+            raise KilnDataError("data.reset_attention_at_eos needs the dataset's end-of-document token, and its "
+                                "metadata has no eos_id; prepare it with `kiln data prepare` or set "
+                                "data.reset_attention_at_eos=false")
+        self.documents = documents
         # drop_last: the epoch is a whole number of micro-batches anyway (see module docstring);
         # this only guards the trainer against a ragged batch if that assumption ever breaks.
         self._loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
@@ -214,6 +220,10 @@ class TrainLoader:
             # Each iter() over the streaming loader starts streaming's next epoch (or resumes).
             for batch in self._loader:
                 got = True
+                if self.documents:  # here, in the read-ahead thread, not on the step's path
+                    from kiln.kernels.documents import document_map
+
+                    batch["documents"] = document_map(batch["tokens"][:, :-1], self.eos_id)
                 in_epoch += 1
                 yield batch, epoch, in_epoch
             epoch, in_epoch = epoch + 1, 0
@@ -296,6 +306,7 @@ def build_train_loader(
     num_canonical_nodes: int = 1,
     cache_dir: str | None = None,
     pin_memory: bool = False,
+    documents: bool = False,
 ) -> TrainLoader:
     """Build the endless micro-batch iterator of this rank. Collective: every rank calls it.
 
@@ -307,6 +318,7 @@ def build_train_loader(
     (0: on demand). ``pin_memory`` (GPU runs) collates into page-locked host memory, so the
     step's ``.to(device, non_blocking=True)`` is a true asynchronous copy. A remote path (``s3://…``) is cached under ``cache_dir``
     (default ``$KILN_CACHE_DIR/streaming/<hash>``).
+    ``documents`` adds document maps for document masking (kiln.kernels.documents).
     """
     from streaming import Stream, StreamingDataset
 
@@ -365,7 +377,7 @@ def build_train_loader(
                 f"call kiln.data.loader.clean_stale_shm() once at job start, or use another cache_dir") from e
         raise
     loader = TrainLoader(dataset, micro_batch_size=micro_batch_size, dp_size=dp_size, num_workers=num_workers,
-                         meta=meta, prefetch=prefetch, pin_memory=pin_memory)
+                         meta=meta, prefetch=prefetch, pin_memory=pin_memory, documents=documents)
     if not loader.seq_len:
         # Remote: the index is in the local cache now; read the width of the tokens column.
         loader.seq_len = int(dataset.shards[0].column_encodings[0].rsplit(":", 1)[-1]) - 1

@@ -67,6 +67,7 @@ def build_batches(data: DataConfig, train: TrainConfig, model: ModelConfig,
         # Pinned in the read-ahead thread, off the step's path (pageable memory makes
         # non_blocking copies synchronous).
         pin_memory=ctx.device.type == "cuda",
+        documents=data.reset_attention_at_eos,
     )
     if ctx.rank == 0:
         what = source if isinstance(source, str) else ", ".join(
@@ -92,6 +93,7 @@ def build_val_batches(data: DataConfig, train: TrainConfig, ctx) -> list[dict[st
         dp_rank=ctx.coords["dp"],
         dp_size=layout.dp,
         replication=layout.replica_size,
+        documents=data.reset_attention_at_eos,
     )
     batches = [next(loader) for _ in range(val.batches)]
     if ctx.rank == 0:

@@ -186,6 +186,10 @@ class DeepSpeedEngine(Engine):
               f"parallel.pp={p.pp}: the deepspeed engine does not run pipeline parallelism (DeepSpeed's own "
               "pipeline engine cannot drive megatron-core's model); use parallel.engine=megatron for pp > 1, "
               "or set parallel.pp=1 and shard with parallel.zero_stage instead")
+        check(p.cp == 1,
+              f"parallel.cp={p.cp} with parallel.engine=deepspeed: DeepSpeed averages gradients over its "
+              "data-parallel group only, and context-parallel ranks hold partial gradients of the same "
+              "samples; use parallel.engine=megatron for context parallelism")
         check(not p.sequence_parallel,
               "parallel.sequence_parallel with parallel.engine=deepspeed: the norm gradients it leaves partial "
               "over the TP group are reduced by megatron-core DDP, which DeepSpeed replaces; set "
@@ -234,7 +238,7 @@ class DeepSpeedEngine(Engine):
         self.base_optimizer = self.optimizer.optimizer  # the torch/CPU Adam over ZeRO's flat partitions
         init_adam_state(self.base_optimizer, self.master_partitions())
         self.scheduler = build_lr_scheduler(self.optim_config, self.train_config.max_steps, self.optimizer)
-        self._batches = TokenBatches(self.model_config.seq_len, ctx.device)
+        self._batches = TokenBatches(self.model_config.seq_len, ctx)
 
     @property
     def model_parts(self) -> list[torch.nn.Module]:
@@ -248,8 +252,8 @@ class DeepSpeedEngine(Engine):
 
     # -- a step ---------------------------------------------------------------------------
     def _token_losses(self, batch) -> torch.Tensor:
-        inputs, labels, positions = self._batches.split(batch)
-        return self.engine(inputs, positions, attention_mask=None, labels=labels)  # [b, s]
+        inputs, labels, positions, documents = self._batches.split(batch)
+        return self.engine(inputs, positions, attention_mask=documents, labels=labels)  # [b, s]
 
     def forward_backward(self, micro_batches) -> StepResult:
         """Forward/backward every micro-batch; DeepSpeed accumulates and applies the update at the

@@ -52,6 +52,10 @@ class FSDPEngine(Engine):
               f"parallel.pp={parallel.pp}: the fsdp engine does not run pipeline parallelism (megatron-core's "
               "schedules finish gradients through its own DDP); use parallel.engine=megatron for pp > 1, or "
               "set parallel.pp=1 and let fsdp shard the model over data-parallel ranks instead")
+        check(parallel.cp == 1,
+              f"parallel.cp={parallel.cp} with parallel.engine=fsdp: kiln's FSDP mesh shards and reduces over "
+              "data-parallel ranks only, and context-parallel ranks hold partial gradients of the same samples; "
+              "use parallel.engine=megatron for context parallelism")
         check(not parallel.sequence_parallel,
               "parallel.sequence_parallel with parallel.engine=fsdp: the norm gradients it leaves partial over the "
               "TP group are reduced by megatron-core DDP, which fsdp replaces; set parallel.sequence_parallel=false "
@@ -113,7 +117,7 @@ class FSDPEngine(Engine):
                                            eps=o.eps, weight_decay=o.weight_decay)
         self._init_adam_state()
         self.scheduler = build_lr_scheduler(o, self.train_config.max_steps, self.optimizer)
-        self._batches = TokenBatches(self.model_config.seq_len, ctx.device)
+        self._batches = TokenBatches(self.model_config.seq_len, ctx)
         self.module.train()
 
     def _init_adam_state(self) -> None:
@@ -131,8 +135,8 @@ class FSDPEngine(Engine):
 
     # -- a step ---------------------------------------------------------------------------
     def _token_losses(self, batch) -> torch.Tensor:
-        inputs, labels, positions = self._batches.split(batch)
-        return self.module(inputs, positions, attention_mask=None, labels=labels)  # [b, s]
+        inputs, labels, positions, documents = self._batches.split(batch)
+        return self.module(inputs, positions, attention_mask=documents, labels=labels)  # [b, s]
 
     def forward_backward(self, micro_batches) -> StepResult:
         losses = []

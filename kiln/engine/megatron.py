@@ -10,6 +10,7 @@ megatron-core's global groups.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -23,10 +24,16 @@ from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, sched
 from kiln.errors import KilnConfigError
 
 
-def _loss_func(output_tensor: torch.Tensor):
-    """Mean next-token loss of one micro-batch; the schedule divides by the micro-batch count."""
+def _loss_func(output_tensor: torch.Tensor, cp: int = 1):
+    """Mean next-token loss of this rank's tokens of one micro-batch.
+
+    The schedule divides it by the micro-batch count and multiplies it by the CP size (it
+    expects the CP-averaged loss, whose gradient on each rank is 1/cp of the local one); DDP
+    then averages gradients over dp × cp. Ring attention already sends each key's gradient home,
+    so the local mean is divided by cp here to keep the gradient that of the global mean.
+    """
     loss = mean_loss(output_tensor)
-    return loss, {"lm loss": loss.detach().clone()}  # the schedule scales `loss` in place
+    return loss / cp, {"lm loss": loss.detach().clone()}  # the schedule scales the first in place
 
 
 class MegatronEngine(Engine):
@@ -97,7 +104,8 @@ class MegatronEngine(Engine):
             from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
             self._schedule_groups["p2p_communicator"] = P2PCommunicator(pp_group=ctx.pg_collection.pp, config=tconfig)
-        self._batches = TokenBatches(self.model_config.seq_len, ctx.device)
+        self._batches = TokenBatches(self.model_config.seq_len, ctx)
+        self._loss_func = functools.partial(_loss_func, cp=ctx.layout.cp)
         for model in self.models:
             model.train()
 
@@ -125,8 +133,8 @@ class MegatronEngine(Engine):
 
     # -- a step ---------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
-        inputs, labels, positions = self._batches.split(next(data_iterator))
-        return model(inputs, positions, attention_mask=None, labels=labels), _loss_func
+        inputs, labels, positions, documents = self._batches.split(next(data_iterator))
+        return model(inputs, positions, attention_mask=documents, labels=labels), self._loss_func
 
     def _schedule_args(self, micro_batches, forward_only: bool) -> dict[str, Any]:
         # Every model chunk walks the same micro-batches (interleaved pipelines visit them once per chunk).

@@ -18,8 +18,10 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def fusion_settings(device_type: str, *, transformer_engine: bool, main_grad: bool) -> dict[str, object]:
-    """TransformerConfig keyword arguments for the fused kernels of this run."""
+def fusion_settings(device_type: str, *, transformer_engine: bool, main_grad: bool,
+                    per_sample_rope: bool = False) -> dict[str, object]:
+    """TransformerConfig keyword arguments for the fused kernels of this run. ``per_sample_rope``:
+    positions restart at documents, so RoPE angles are [s, b, 1, d], which TE's fused kernel refuses."""
     gpu = device_type == "cuda"
     te = gpu and transformer_engine
     settings = dict(
@@ -27,7 +29,7 @@ def fusion_settings(device_type: str, *, transformer_engine: bool, main_grad: bo
         bias_dropout_fusion=gpu,
         cross_entropy_loss_fusion=gpu,
         cross_entropy_fusion_impl="native",
-        apply_rope_fusion=te,
+        apply_rope_fusion=te and not per_sample_rope,
         gradient_accumulation_fusion=te and main_grad,
         masked_softmax_fusion=False,
         persist_layer_norm=False,

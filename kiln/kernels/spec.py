@@ -1,10 +1,10 @@
 """The one place that chooses kernels: Transformer Engine layer spec, or megatron-core's local one.
 
-TE's spec (fused RMSNorm+linear, FlashAttention/cuDNN attention, FP8-capable GEMMs) is used
-when TE imports and a GPU is present; everywhere else the local spec runs the same
-architecture in plain PyTorch, with attention through PyTorch SDPA (kiln.kernels.attention)
-and kiln's RMSNorm (kiln.kernels.norm, which, unlike megatron-core's torch norm, works with
-sequence parallelism). The fallback is announced once, never silent.
+TE's spec (fused RMSNorm+linear, FP8-capable GEMMs) is used when TE imports and a GPU is
+present; everywhere else the local spec runs the same architecture in plain PyTorch, with
+kiln's RMSNorm (kiln.kernels.norm, which, unlike megatron-core's torch norm, works with
+sequence parallelism). The fallback is announced once, never silent. In both, core attention
+is kiln's (kiln.kernels.attention) on the run's attention backend.
 
 Both specs save the same checkpoint keys: the local spec maps its norms onto TE's fused
 names (megatron-core's ``sharded_state_dict_keys_map``), so a CPU rehearsal's checkpoint
@@ -43,29 +43,32 @@ def uses_transformer_engine(device_type: str) -> bool:
     return device_type == "cuda" and transformer_engine_missing() is None
 
 
-def select_layer_spec(device_type: str):
+def select_layer_spec(device_type: str, attention_backend: str):
     """megatron-core ModuleSpec of one transformer layer for this device."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from kiln.kernels.attention import core_attention_spec
+
     if uses_transformer_engine(device_type):
         log.info("kernels: Transformer Engine layer spec")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    from kiln.kernels.attention import SDPAttention
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        spec.submodules.self_attention.submodules.core_attention = core_attention_spec(attention_backend)
+        return spec
     from kiln.kernels.norm import RMSNorm
 
     if device_type != "cuda":
         reason = "no GPU"
     else:
         reason = f"Transformer Engine unusable: {transformer_engine_missing()}; pip install 'kiln[gpu]'"
-    log.info("kernels: megatron-core local layer spec with PyTorch SDPA attention (%s)", reason)
+    log.info("kernels: megatron-core local layer spec (%s)", reason)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.self_attention.submodules.core_attention = core_attention_spec(attention_backend)
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
 
 
-def select_block_spec(tconfig, device_type: str, *, vp_stage: int | None, pp_rank: int):
+def select_block_spec(tconfig, device_type: str, attention_backend: str, *, vp_stage: int | None, pp_rank: int):
     """The decoder block of one model chunk: its layers' spec and its final norm.
 
     Built here rather than left to megatron-core, which gives a bare layer spec the torch norm
@@ -73,7 +76,7 @@ def select_block_spec(tconfig, device_type: str, *, vp_stage: int | None, pp_ran
     """
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = select_layer_spec(device_type)
+    layer = select_layer_spec(device_type, attention_backend)
     if uses_transformer_engine(device_type):
         return layer
     from kiln.kernels.norm import RMSNorm

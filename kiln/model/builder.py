@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import Fp8Config, KernelsConfig, ModelConfig, ParallelConfig, TrainConfig
+from kiln.kernels.attention import choose_backend
 from kiln.kernels.fusions import fusion_settings
 from kiln.kernels.spec import initialize_tp_comm_overlap, select_block_spec, uses_transformer_engine
 from kiln.model.init import init_weights
@@ -27,8 +28,12 @@ def _leave_uninitialised(tensor: torch.Tensor) -> None:
     pass
 
 
-def transformer_config(m: ModelConfig, parallel: ParallelConfig, train: TrainConfig, ctx: ParallelContext):
-    """megatron-core TransformerConfig for the run: RMSNorm, SwiGLU, no biases, no dropout."""
+def transformer_config(m: ModelConfig, parallel: ParallelConfig, train: TrainConfig, ctx: ParallelContext, *,
+                       documents: bool = False):
+    """megatron-core TransformerConfig for the run: RMSNorm, SwiGLU, no biases, no dropout.
+
+    ``documents``: RoPE positions differ between samples, which the fused RoPE kernel does not take.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from kiln.engine import engine_class
@@ -70,7 +75,7 @@ def transformer_config(m: ModelConfig, parallel: ParallelConfig, train: TrainCon
         output_layer_init_method=_leave_uninitialised,
         use_cpu_initialization=False,
         **fusion_settings(device_type, transformer_engine=uses_transformer_engine(device_type),
-                          main_grad=engine_class(parallel.engine).accumulates_main_grad),
+                          main_grad=engine_class(parallel.engine).accumulates_main_grad, per_sample_rope=documents),
         **recompute_settings(train),
         deallocate_pipeline_outputs=True,
         overlap_p2p_comm=overlap_p2p,
@@ -103,7 +108,12 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
 
     if parallel.tp_comm_overlap:
         initialize_tp_comm_overlap(model_config, train, ctx)
-    tconfig = transformer_config(model_config, parallel, train, ctx)
+    tconfig = transformer_config(model_config, parallel, train, ctx, documents=documents)
+    attention = choose_backend(kernels.attention, ctx.device.type, documents=documents, cp=ctx.layout.cp)
+    if ctx.rank == 0:
+        log.info(f"kernels: attention {attention}" + (" (auto)" if kernels.attention == "auto" else "")
+                 + (f", ring over cp={ctx.layout.cp}" if ctx.layout.cp > 1 and attention != "te" else "")
+                 + (", document masks" if documents else ""))
     layout, coords = ctx.layout, ctx.coords
     chunks = layout.virtual_pp or 1
     padded = padded_vocab_size(vocab_size, model_config, layout.tp)
@@ -111,7 +121,7 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
     for vp_stage in range(chunks):
         model = KilnGPTModel(
             config=tconfig,
-            transformer_layer_spec=select_block_spec(tconfig, ctx.device.type, pp_rank=coords["pp"],
+            transformer_layer_spec=select_block_spec(tconfig, ctx.device.type, attention, pp_rank=coords["pp"],
                                                      vp_stage=vp_stage if layout.virtual_pp else None),
             vocab_size=padded,
             max_sequence_length=model_config.seq_len,
