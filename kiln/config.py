@@ -488,7 +488,8 @@ class RunConfig:
         from kiln.plan.dry_run import dry_run_report
 
         return dry_run_report(self.name, self.layout(world_size), model=self.model, parallel=self.parallel,
-                              optim=self.optim, train=self.train, data=self.data, vocab_size=vocab_size)
+                              optim=self.optim, train=self.train, data=self.data, vocab_size=vocab_size,
+                              kernels=self.kernels)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

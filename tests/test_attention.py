@@ -113,10 +113,13 @@ def test_context_parallel_chunks_balance_causal_work():
     assert work[0] == work[1]  # keys attended under the causal mask: the same on both ranks
 
 
-def _ring_rank(rank: int, cp: int, documents: bool, dtype_name: str):
+def _ring_rank(rank: int, cp: int, documents: bool, dtype_name: str, kernel: str):
     import torch.distributed as dist
 
+    from kiln.kernels import ring_attention as ring
     from kiln.kernels.ring_attention import ring_attention
+
+    ring.FUSED_CPU_KERNEL = kernel == "fused"
 
     dist.init_process_group("gloo")
     dtype = getattr(torch, dtype_name)
@@ -131,10 +134,14 @@ def _ring_rank(rank: int, cp: int, documents: bool, dtype_name: str):
     return out.detach().float().numpy(), [t.grad.float().numpy() for t in local]
 
 
-@pytest.mark.parametrize("cp,documents,dtype", [(2, False, "float32"), (2, True, "float32"),
-                                                (4, True, "float32"), (2, True, "bfloat16")])
-def test_ring_attention_matches_reference(cp, documents, dtype):
-    results = run_distributed(_ring_rank, cp, cp, documents, dtype)
+@pytest.mark.parametrize("cp,documents,dtype,kernel", [
+    (2, False, "float32", "fused"), (2, True, "float32", "fused"), (4, True, "float32", "fused"),
+    (4, False, "float32", "fused"), (2, True, "bfloat16", "fused"),
+    # The portable block kernel GPUs use without TE, checked here on CPU.
+    (2, True, "float32", "math"), (4, False, "float32", "math"),
+])
+def test_ring_attention_matches_reference(cp, documents, dtype, kernel):
+    results = run_distributed(_ring_rank, cp, cp, documents, dtype, kernel)
     q, k, v, docs = _inputs(2, documents, getattr(torch, dtype))
     q, k, v = (t.float() for t in (q, k, v))
     ref_out, ref_grads = _forward_and_grads(lambda *a: reference_attention(*a, docs, DIM ** -0.5), q, k, v)

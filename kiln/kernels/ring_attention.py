@@ -8,9 +8,12 @@ results are merged with their log-sum-exp, so the output is exactly softmax atte
 the whole sequence.
 
 Backward runs the ring again: each block's key/value gradients travel with the block and,
-after cp hops, arrive back on the rank that owns it. The block kernel is plain PyTorch in
-fp32 (it materialises one [b, heads, s/cp, s/cp] score block at a time); on GPUs with
-Transformer Engine, ``kernels.attention=te`` uses TE's fused context-parallel attention instead.
+after cp hops, arrive back on the rank that owns it. Each block is cut into its four chunk
+pairs and the hidden ones are skipped (:func:`_sub_blocks`). The kernel of a part is
+PyTorch's fused flash-attention kernel for CPUs (it returns the log-sum-exp the merge needs);
+elsewhere plain PyTorch in fp32, materialising one [b, heads, s/2cp, s/2cp] part at a time.
+On GPUs with Transformer Engine, ``kernels.attention=te`` uses TE's fused context-parallel
+attention instead.
 """
 
 from __future__ import annotations
@@ -60,35 +63,102 @@ def _wait(requests) -> None:
 
 def _expand(t: torch.Tensor, heads: int) -> torch.Tensor:
     """Grouped-query keys/values [b, kv_heads, s, d] → one per query head, as SDPA's enable_gqa does."""
-    return t.float().repeat_interleave(heads // t.size(1), dim=1)
+    return t.repeat_interleave(heads // t.size(1), dim=1)
 
 
-def _scores(q, k, mask, scale):
-    """Scaled scores of the local queries against one key block, −inf where masked: [b, h, sq, sk]."""
-    scores = (q.float() @ _expand(k, q.size(1)).transpose(-1, -2)) * scale
-    return scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+def _fold(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Per-query-head key/value gradients → per kv head (the sum over each group)."""
+    b, heads, s, d = grad.shape
+    return grad.view(b, kv_heads, heads // kv_heads, s, d).sum(2)
 
 
-def _probabilities(scores, lse):
-    """exp(scores − lse), zero where masked (a row with no key at all gives zeros, not nan)."""
-    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(scores - finite.unsqueeze(-1))
+def _sub_blocks(mask: torch.Tensor):
+    """(query slice, key slice, mask or None when all visible) of the parts of a block that
+    attend at all. Each rank's tokens are two chunks, so a block is 2 × 2 chunk pairs; under
+    the causal mask a pair is wholly visible, wholly hidden, or the diagonal, and the hidden
+    ones (half of every off-diagonal block) are skipped: the balance that the chunking buys."""
+    half_q, half_k = mask.size(-2) // 2, mask.size(-1) // 2
+    for qs in (slice(0, half_q), slice(half_q, None)):
+        for ks in (slice(0, half_k), slice(half_k, None)):
+            part = mask[:, qs, ks]
+            if not bool(part.any()):
+                continue
+            if bool(part.all()):
+                yield qs, ks, None
+            elif part.size(1) == part.size(2) and torch.equal(part, _causal(part.size(1), part.device).expand_as(part)):
+                yield qs, ks, CAUSAL  # the kernels' own causal path, without a mask tensor
+            else:
+                yield qs, ks, part
+
+
+CAUSAL = "causal"
+"""A part that is exactly the causal triangle (a chunk against itself, no document boundary)."""
+
+
+def _causal(n: int, device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+
+
+# Masked scores for PyTorch's fused CPU kernel: finite, so a row with no visible key yields
+# exp(−1e30 − lse) = 0 weight when merged instead of nan (every row sees its own key in the end).
+_HIDDEN = -1e30
+
+
+def _additive(mask, dtype) -> torch.Tensor | None:
+    if mask is None or mask is CAUSAL:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, _HIDDEN).unsqueeze(1)
+
+
+def _fused_cpu_kernel(q: torch.Tensor) -> bool:
+    """PyTorch's flash-attention kernel for CPUs (False makes CPU runs take the portable path too)."""
+    return q.device.type == "cpu" and FUSED_CPU_KERNEL
+
+
+FUSED_CPU_KERNEL = True
+
+
+def _masked_scores(q, k, mask, scale) -> torch.Tensor:
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is CAUSAL:
+        mask = _causal(q.size(2), q.device).unsqueeze(0)
+    return scores if mask is None else scores.masked_fill(~mask.unsqueeze(1), _HIDDEN)
 
 
 def _block_forward(q, k, v, mask, scale):
-    """Attention of the local queries to one key/value block: (out fp32, log-sum-exp)."""
-    scores = _scores(q, k, mask, scale)
+    """Attention of queries [b, h, sq, d] to one key/value part: (out fp32, log-sum-exp [b, h, sq])."""
+    k, v = _expand(k, q.size(1)), _expand(v, q.size(1))
+    if _fused_cpu_kernel(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, mask is CAUSAL, attn_mask=_additive(mask, q.dtype), scale=scale)
+        return out.float(), lse.float()
+    scores = _masked_scores(q, k, mask, scale)
     lse = torch.logsumexp(scores, dim=-1)
-    return _probabilities(scores, lse) @ _expand(v, q.size(1)), lse
+    return torch.exp(scores - lse.unsqueeze(-1)) @ v.float(), lse
+
+
+def _block_backward(grad_out, q, k, v, out, lse, mask, scale):
+    """Gradients of one part given the final output and log-sum-exp: (dq fp32, dk, dv per kv head)."""
+    kv_heads = k.size(1)
+    k, v = _expand(k, q.size(1)), _expand(v, q.size(1))
+    if _fused_cpu_kernel(q):
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.to(q.dtype), q, k, v, out.to(q.dtype), lse, 0.0, mask is CAUSAL, attn_mask=_additive(mask, q.dtype),
+            scale=scale)
+        grad_q, grad_k, grad_v = (g.float() for g in grads)
+    else:
+        scores = _masked_scores(q, k, mask, scale)
+        p = torch.exp(scores - lse.unsqueeze(-1))
+        grad_scores = p * (grad_out @ v.float().transpose(-1, -2) - (grad_out * out).sum(-1, keepdim=True)) * scale
+        grad_q = grad_scores @ k.float()
+        grad_k, grad_v = grad_scores.transpose(-1, -2) @ q.float(), p.transpose(-1, -2) @ grad_out
+    return grad_q, _fold(grad_k, kv_heads), _fold(grad_v, kv_heads)
 
 
 def _merge(out, lse, block_out, block_lse):
     """Two partial softmax attentions over disjoint keys → one (the online-softmax update)."""
     merged = torch.logaddexp(lse, block_lse)
-    empty = torch.isinf(merged)  # no key seen yet on either side
-    old = torch.where(empty, torch.zeros_like(lse), torch.exp(lse - merged))
-    new = torch.where(empty, torch.zeros_like(lse), torch.exp(block_lse - merged))
-    return out * old.unsqueeze(-1) + block_out * new.unsqueeze(-1), merged
+    return out * torch.exp(lse - merged).unsqueeze(-1) + block_out * torch.exp(block_lse - merged).unsqueeze(-1), merged
 
 
 class _RingAttention(torch.autograd.Function):
@@ -100,15 +170,17 @@ class _RingAttention(torch.autograd.Function):
         local = q.size(2)
         q_index = local_positions(local, rank, size, q.device)
         out = q.new_zeros(q.shape, dtype=torch.float32)
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+        lse = torch.full(q.shape[:3], _HIDDEN, device=q.device)  # finite: merging never meets −inf − (−inf)
         kv = torch.stack([k, v]).contiguous()
         for step in range(size):
             if step < size - 1:
                 incoming, requests = _exchange(kv, send_to, receive_from, group, _KV_TAG)
             holder = (rank - step) % size
             mask = allowed(q_index, local_positions(local, holder, size, q.device), documents)
-            if bool(mask.any()):
-                out, lse = _merge(out, lse, *_block_forward(q, kv[0], kv[1], mask, scale))
+            for qs, ks, part in _sub_blocks(mask):
+                out[:, :, qs], lse[:, :, qs] = _merge(out[:, :, qs], lse[:, :, qs],
+                                                      *_block_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
+                                                                      part, scale))
             if step < size - 1:
                 _wait(requests)
                 kv = incoming
@@ -121,10 +193,9 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse, documents = ctx.saved_tensors
         group, scale, (send_to, receive_from) = ctx.group, ctx.scale, ctx.peers
         rank, size = group.rank(), group.size()
-        heads, kv_heads, local = q.size(1), k.size(1), q.size(2)
+        local = q.size(2)
         q_index = local_positions(local, rank, size, q.device)
         grad_out = grad_out.float()
-        row_dot = (grad_out * out).sum(-1, keepdim=True)  # [b, h, sq, 1]
         grad_q = torch.zeros_like(out)
         kv = torch.stack([k, v]).contiguous()
         grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # travels with its block
@@ -133,16 +204,12 @@ class _RingAttention(torch.autograd.Function):
                 incoming, kv_requests = _exchange(kv, send_to, receive_from, group, _KV_TAG)
             holder = (rank - step) % size
             mask = allowed(q_index, local_positions(local, holder, size, q.device), documents)
-            if bool(mask.any()):
-                p = _probabilities(_scores(q, kv[0], mask, scale), lse)
-                grad_p = grad_out @ _expand(kv[1], heads).transpose(-1, -2)
-                grad_scores = p * (grad_p - row_dot) * scale
-                grad_q += grad_scores @ _expand(kv[0], heads)
-                b, _, sk, d = kv[0].shape
-                grad_k = (grad_scores.transpose(-1, -2) @ q.float()).view(b, kv_heads, heads // kv_heads, sk, d)
-                grad_v = (p.transpose(-1, -2) @ grad_out).view(b, kv_heads, heads // kv_heads, sk, d)
-                grad_kv[0] += grad_k.sum(2)
-                grad_kv[1] += grad_v.sum(2)
+            for qs, ks, part in _sub_blocks(mask):
+                dq, dk, dv = _block_backward(grad_out[:, :, qs], q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
+                                             out[:, :, qs], lse[:, :, qs], part, scale)
+                grad_q[:, :, qs] += dq
+                grad_kv[0][:, :, ks] += dk
+                grad_kv[1][:, :, ks] += dv
             grad_kv, grad_requests = _exchange(grad_kv, send_to, receive_from, group, _GRAD_TAG)
             _wait(grad_requests)
             if step < size - 1:

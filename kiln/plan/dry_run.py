@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from kiln.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from kiln.config import DataConfig, KernelsConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from kiln.errors import KilnConfigError
 from kiln.parallel.layout import ParallelLayout
 from kiln.plan.params import count_parameters, human, human_exact
@@ -40,7 +40,8 @@ def resolve_vocab_size(model: ModelConfig, data: DataConfig) -> int:
 
 
 def dry_run_report(name: str, layout: ParallelLayout, *, model: ModelConfig, parallel: ParallelConfig,
-                   optim: OptimConfig, train: TrainConfig, data: DataConfig, vocab_size: int | None = None) -> str:
+                   optim: OptimConfig, train: TrainConfig, data: DataConfig, vocab_size: int | None = None,
+                   kernels: KernelsConfig | None = None) -> str:
     """Describe a run on its (validated) layout as text.
 
     ``vocab_size`` overrides the config's (and saves reading the tokenizer); when None it is
@@ -61,6 +62,7 @@ def dry_run_report(name: str, layout: ParallelLayout, *, model: ModelConfig, par
         f"  engine {engine}, precision {train.precision}, device {train.device}, "
         f"sequence parallel {_yes(p.sequence_parallel)}, distributed optimizer {_yes(optim.distributed_optimizer)}"
     )
+    lines.append("  " + _attention_line(kernels or KernelsConfig(), data, model, layout))
     lines.append("")
 
     pad = params.padded_vocab - vocab
@@ -112,6 +114,16 @@ def dry_run_report(name: str, layout: ParallelLayout, *, model: ModelConfig, par
         f"{train.max_steps:,} steps = {human(tokens * train.max_steps)} tokens",
     ]
     return "\n".join(lines)
+
+
+def _attention_line(kernels: KernelsConfig, data: DataConfig, model: ModelConfig, layout: ParallelLayout) -> str:
+    masks = "document masks (data.reset_attention_at_eos)" if data.reset_attention_at_eos else "causal"
+    line = f"attention {kernels.attention}, {masks}"
+    if layout.cp > 1:
+        chunk = model.seq_len // (2 * layout.cp)
+        line += (f"; context parallel: each cp rank holds 2 chunks of {chunk} tokens ({2 * chunk} of {model.seq_len} "
+                 f"per sequence), keys/values pass {layout.cp - 1} ring hops per layer")
+    return line
 
 
 def _output_piece(tied: bool, pp: int) -> str:
