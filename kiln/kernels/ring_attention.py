@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.kernels.documents import allowed
+from kiln.parallel.collectives import ring_exchange
 
 _KV_TAG, _GRAD_TAG = 1, 2  # keys/values and their gradients cross the same links in backward
 
@@ -46,14 +47,6 @@ def ring_attention(query, key, value, documents, scale: float, group) -> torch.T
     q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
     out = _RingAttention.apply(q, k, v, documents, scale, group)
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
-
-
-def _exchange(tensor: torch.Tensor, send_to: int, receive_from: int, group, tag: int):
-    """Send ``tensor`` one hop along the ring and receive the previous rank's; (buffer, requests)."""
-    buffer = torch.empty_like(tensor)
-    requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, send_to, group, tag),
-                                       dist.P2POp(dist.irecv, buffer, receive_from, group, tag)])
-    return buffer, requests
 
 
 def _wait(requests) -> None:
@@ -174,7 +167,7 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         for step in range(size):
             if step < size - 1:
-                incoming, requests = _exchange(kv, send_to, receive_from, group, _KV_TAG)
+                incoming, requests = ring_exchange(kv, send_to, receive_from, group, _KV_TAG)
             holder = (rank - step) % size
             mask = allowed(q_index, local_positions(local, holder, size, q.device), documents)
             for qs, ks, part in _sub_blocks(mask):
@@ -201,7 +194,7 @@ class _RingAttention(torch.autograd.Function):
         grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # travels with its block
         for step in range(size):
             if step < size - 1:
-                incoming, kv_requests = _exchange(kv, send_to, receive_from, group, _KV_TAG)
+                incoming, kv_requests = ring_exchange(kv, send_to, receive_from, group, _KV_TAG)
             holder = (rank - step) % size
             mask = allowed(q_index, local_positions(local, holder, size, q.device), documents)
             for qs, ks, part in _sub_blocks(mask):
@@ -210,7 +203,7 @@ class _RingAttention(torch.autograd.Function):
                 grad_q[:, :, qs] += dq
                 grad_kv[0][:, :, ks] += dk
                 grad_kv[1][:, :, ks] += dv
-            grad_kv, grad_requests = _exchange(grad_kv, send_to, receive_from, group, _GRAD_TAG)
+            grad_kv, grad_requests = ring_exchange(grad_kv, send_to, receive_from, group, _GRAD_TAG)
             _wait(grad_requests)
             if step < size - 1:
                 _wait(kv_requests)

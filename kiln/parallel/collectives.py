@@ -75,3 +75,13 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def ring_exchange(tensor: torch.Tensor, send_to: int, receive_from: int, group, tag: int):
+    """Send ``tensor`` to global rank ``send_to`` while receiving a tensor of its shape from
+    ``receive_from`` (one hop of a ring); returns (buffer, requests): wait on each request
+    before reading the buffer or writing the tensor."""
+    buffer = torch.empty_like(tensor)
+    requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, send_to, group, tag),
+                                       dist.P2POp(dist.irecv, buffer, receive_from, group, tag)])
+    return buffer, requests
