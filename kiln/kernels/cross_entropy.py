@@ -1,13 +1,13 @@
 """The output layer and the vocab-parallel cross-entropy in one pass, a chunk of tokens at a time.
 
-With a 128K vocabulary the logits dominate a step's activation memory. megatron-core's path keeps
-the [tokens, vocab/tp] logits in the parameter dtype, their fp32 copy and the fp32 softmax for
-backward: 8192 tokens × 128256 × 10 bytes ≈ 10 GB at tp=1 in bf16, more than all the decoder
-layers' activations of a 1B model. Here one autograd function runs the output layer's GEMM and
-the loss over ``chunk_tokens`` tokens at a time and keeps only each token's log-sum-exp; backward
-recomputes a chunk's logits, turns them into the gradient in place and feeds both GEMMs, so at
-most one chunk of logits exists at once. The price is one more GEMM over the vocabulary (the
-output layer's four instead of three).
+With a 128K vocabulary the logits are the largest activation of a step. megatron-core's path holds
+the fp32 softmax of the [tokens, vocab/tp] logits from the loss to its backward, which casts the
+gradient to the parameter dtype next to it: 6 bytes a logit in bf16, 8192 tokens × 128256 × 6 ≈
+6.3 GB at tp=1 (bench/cross_entropy.py measures it). Here one autograd function runs the output
+layer's GEMM and the loss over ``chunk_tokens`` tokens at a time and keeps only each token's
+log-sum-exp; backward recomputes a chunk's logits, turns them into the gradient in place and
+feeds both GEMMs, so at most one chunk of logits exists at once. The price is one more GEMM over
+the vocabulary (the output layer's four instead of three).
 
 The results are megatron-core's: logits in the parameter dtype, the loss in fp32 from them, the
 gradient of the logits rounded to the parameter dtype before the two backward GEMMs. With
