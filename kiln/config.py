@@ -381,9 +381,10 @@ class KernelsConfig:
     auto picks the fastest one present for the device and logs the choice."""
     compile: bool = False
     """torch.compile each transformer layer (regional: one compiled graph reused by every layer)."""
-    cross_entropy: Literal["chunked", "plain"] = "plain"
-    """chunked computes the output layer and the loss over cross_entropy_chunk tokens at a time (recomputed
-    in backward), so the [tokens, vocab] fp32 logits never exist at once; plain is megatron-core's."""
+    cross_entropy: Literal["chunked", "plain"] = "chunked"
+    """chunked (the default) computes the output layer and the loss over cross_entropy_chunk tokens at a time
+    (recomputed in backward, one more GEMM over the vocabulary), so the [tokens, vocab] fp32 logits never
+    exist at once (kiln.kernels.cross_entropy; bench/cross_entropy.py); plain is megatron-core's."""
     cross_entropy_chunk: int = 4096
     """Tokens per chunk of the chunked cross-entropy."""
 

@@ -28,6 +28,7 @@ MODELS = {
     "2 layers": (),
     "4 layers": ("model.num_layers=4",),
     "tied embeddings": ("model.tie_embeddings=true",),
+    "plain cross-entropy": ("kernels.cross_entropy=plain",),
 }
 
 
@@ -76,6 +77,11 @@ def test_baseline_learns(baseline):
         ("pp2-interleaved", "4 layers", ("parallel.pp=2", "parallel.virtual_pp=2")),
         # The last stage holds its own copy of a tied embedding, kept in sync over the embedding group.
         ("pp2-tied-embeddings", "tied embeddings", ("parallel.pp=2",)),
+        # kiln's chunked cross-entropy (100 tokens a chunk: 512 tokens are 5 full chunks and a
+        # short one) under TP and SP against megatron-core's plain loss in one process.
+        ("tp2-sp-chunked-cross-entropy", "plain cross-entropy",
+         ("parallel.tp=2", "parallel.sequence_parallel=true", "kernels.cross_entropy=chunked",
+          "kernels.cross_entropy_chunk=100")),
     ],
 )
 def test_two_process_layout_matches_single_process(name, model, layout, baseline, tmp_path, cache_dir):

@@ -2,12 +2,13 @@
 talks to ``torch.distributed``.
 
 Every statistic kiln reduces (losses, evaluation, data wait, the preemption flag, the fsdp
-engine's grad norm) is built here on the run's device. That matters on GPUs: NCCL only
-reduces CUDA tensors, so a CPU tensor that gloo happily sums fails there at the first logged
-step ("No backend type associated with device type cpu"). The device is bound once, by
-:func:`kiln.parallel.backend.init_parallel`, and no caller passes one: a statistic on the
-wrong device cannot be written. Object collectives (pickled Python values) and barriers go
-through here too, so a test can hold every other module to "no direct collectives".
+engine's grad norm) is built here on the run's device, and kernels' per-token values are
+reduced here in place. That matters on GPUs: NCCL only reduces CUDA tensors, so a CPU tensor
+that gloo happily sums fails there at the first logged step ("No backend type associated with
+device type cpu"). The device is bound once, by :func:`kiln.parallel.backend.init_parallel`,
+and no caller passes one: a statistic on the wrong device cannot be written. Object collectives
+(pickled Python values) and barriers go through here too, so a test can hold every other module
+to "no direct collectives".
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ def reduce_floats(values: Sequence[float], op: str = "sum", group=None) -> list[
     tensor = torch.tensor(list(values), dtype=torch.float64, device=bound_device())
     dist.all_reduce(tensor, op=_OPS[op], group=group)
     return tensor.tolist()
+
+
+def reduce_tensor_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Element-wise ``op`` of an activation-derived ``tensor`` over ``group``, in place.
+
+    For values a kernel computes (kiln.kernels.cross_entropy's per-token log-sum-exp): they
+    already live where the computation runs, so nothing is copied; a tensor elsewhere than the
+    bound device is refused here rather than by NCCL.
+    """
+    if tensor.device != bound_device():
+        raise RuntimeError(f"kiln.parallel.collectives: reducing a tensor on {tensor.device}, "
+                           f"but the run's device is {bound_device()}")
+    dist.all_reduce(tensor, op=_OPS[op], group=group)
+    return tensor
 
 
 def mean_over_holders(value: float | None, group=None) -> float:
