@@ -50,39 +50,33 @@ class Float8Matmul:
         return torch.func.functional_call(self.linear, {"weight": weight}, (input,))
 
 
-def _float8_forward_impl(layer, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
-                         sequence_parallel=False, tp_group=None, **unused):
-    """megatron-core's ``linear_with_grad_accumulation_and_async_allreduce`` with the GEMM in FP8."""
-    if gradient_accumulation_fusion:  # the builder turns it off for this spec; a TE kernel would write main_grad
-        raise RuntimeError("torchao float8 linear layers cannot fuse gradient accumulation")
-    if sequence_parallel:
-        input = mappings.gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
-    elif allreduce_dgrad:
-        input = mappings.copy_to_tensor_model_parallel_region(input, group=tp_group)
-    output = layer.float8_matmul(input, weight)  # [s, b, out/tp]
-    return output if bias is None else output + bias
+class _Float8Gemm:
+    """What both float8 layers add to megatron-core's: the FP8 GEMM, and ``_forward_impl`` through it
+    (megatron-core's ``linear_with_grad_accumulation_and_async_allreduce`` with the GEMM in FP8)."""
+
+    def __init__(self, *args, recipe: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.float8_matmul = Float8Matmul(recipe)
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                      sequence_parallel=False, tp_group=None, **unused):
+        if gradient_accumulation_fusion:  # off on this spec: a TE kernel would write main_grad past the FP8 GEMM
+            raise RuntimeError("torchao float8 linear layers cannot fuse gradient accumulation")
+        if sequence_parallel:
+            input = mappings.gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
+                                                                  group=tp_group)
+        elif allreduce_dgrad:
+            input = mappings.copy_to_tensor_model_parallel_region(input, group=tp_group)
+        output = self.float8_matmul(input, weight)  # [s, b, out/tp]
+        return output if bias is None else output + bias
 
 
-class Float8ColumnParallelLinear(layers.ColumnParallelLinear):
+class Float8ColumnParallelLinear(_Float8Gemm, layers.ColumnParallelLinear):
     """megatron-core's ColumnParallelLinear with its GEMM in FP8 through torchao (see the module docstring)."""
 
-    def __init__(self, *args, recipe: str, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.float8_matmul = Float8Matmul(recipe)
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        return _float8_forward_impl(self, input, weight, *args, **kwargs)
-
-
-class Float8RowParallelLinear(layers.RowParallelLinear):
+class Float8RowParallelLinear(_Float8Gemm, layers.RowParallelLinear):
     """megatron-core's RowParallelLinear with its GEMM in FP8 through torchao (see the module docstring)."""
-
-    def __init__(self, *args, recipe: str, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.float8_matmul = Float8Matmul(recipe)
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        return _float8_forward_impl(self, input, weight, *args, **kwargs)
 
 
 def use_float8_linears(layer_spec, recipe: str) -> None:
