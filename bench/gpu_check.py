@@ -25,8 +25,8 @@ The report then marks every GPU metric ``measured: false`` with the reason, and 
 ``not measured``: a CPU machine never reports an MFU. The report is rewritten after every part,
 so a run cut off by a machine's time limit still leaves what it finished.
 
-Exit status: 0 when every part ran and no test failed (a missed target is in the verdict, not the
-exit status), 1 otherwise.
+Exit status: 0 when every part ran (or is unavailable: the fp8 part without torchao) and no test
+failed (a missed target is in the verdict, not the exit status), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ def _gpu_result(part: dict, label: str, why_no_gpu: str | None) -> tuple[dict | 
     """A benchmark's numbers when they are a GPU measurement, else None and why not."""
     if why_no_gpu is not None:
         return None, why_no_gpu
-    if part["status"] in ("skipped", "pending"):
+    if part["status"] in ("skipped", "pending", "unavailable"):
         return None, f"the {label} has not run" + (f" ({part['why']})" if part.get("why") else "")
     if part["status"] != "ok":
         return None, f"the {label} {part['status']} (see its log)"
@@ -469,7 +469,8 @@ def main() -> int:
         if name == "step":  # it takes its time limit from the budget attempt by attempt
             report["parts"][name] = run_with_fallback(name, step_commands(gpu), logs, child_env, budget)
         elif name == "fp8" and not (env.get("packages", {}).get("torchao") or {}).get("present"):
-            report["parts"][name] = {"status": "skipped", "why": "torchao is not installed (pip install 'kiln[fp8]')"}
+            report["parts"][name] = {"status": "unavailable",
+                                     "why": "torchao is not installed (pip install 'kiln[fp8]')"}
         elif name == "fp8":
             report["parts"][name] = run_with_fallback(name, fp8_commands(gpu), logs, child_env, budget)
         elif (timeout_s := budget.for_part(name)) is None:
@@ -482,7 +483,7 @@ def main() -> int:
         save()
     print_summary(report, out)
     tests = report["parts"]["tests"]
-    all_ran = all(report["parts"][name]["status"] == "ok" for name in parts)
+    all_ran = all(report["parts"][name]["status"] in ("ok", "unavailable") for name in parts)
     return 0 if all_ran and not tests.get("failed") and not tests.get("errors") else 1
 
 

@@ -127,7 +127,8 @@ def torchao_missing() -> str | None:
         return (f"fp8.backend=torchao needs torchao's float8 training: torchao.float8 does not import "
                 f"({type(error).__name__}: {error}); {TORCHAO_INSTALL}, or use fp8.backend=te")
     if not hasattr(Float8LinearConfig, "from_recipe_name"):
-        return f"fp8.backend=torchao needs torchao 0.10 or newer (Float8LinearConfig.from_recipe_name); {TORCHAO_INSTALL}"
+        return ("fp8.backend=torchao needs torchao 0.10 or newer (Float8LinearConfig.from_recipe_name); "
+                f"{TORCHAO_INSTALL}")
     return None
 
 
@@ -141,9 +142,9 @@ def te_transformer_settings(fp8: Fp8Config | None, *, transformer_engine: bool) 
     if fp8 is None or fp8.backend != "te":
         return {}
     if not transformer_engine:  # never a bf16 run that was asked to be FP8
-        raise KilnEnvironmentError(transformer_engine_fp8_missing(fp8.recipe)
-                                   or "fp8.backend=te needs the Transformer Engine layer spec, which runs on GPUs only; "
-                                      "use train.precision=bf16 here")
+        raise KilnEnvironmentError(transformer_engine_fp8_missing(fp8.recipe) or
+                                   "fp8.backend=te needs the Transformer Engine layer spec, which runs on GPUs only; "
+                                   "use train.precision=bf16 here")
     settings: dict[str, object] = dict(fp8="e4m3" if fp8.recipe == "mxfp8" else "hybrid", fp8_recipe=fp8.recipe)
     if fp8.recipe == "delayed":
         settings.update(fp8_amax_history_len=fp8.amax_history_len, fp8_amax_compute_algo=fp8.amax_compute_algo)
