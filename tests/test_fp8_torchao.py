@@ -113,3 +113,25 @@ def test_torchao_fp8_trains_close_to_bf16(world, overrides, bf16_losses):
         for step, (got, want) in enumerate(zip(losses, bf16_losses), start=1):
             assert abs(got - want) / want < 0.01, f"step {step}: fp8 loss {got:.4f} vs bf16 {want:.4f}"
     assert results[0]["losses"] == results[-1]["losses"]  # every rank reports the same global loss
+
+
+def _checkpoint_keys(rank: int, precision: list[str]) -> dict:
+    from kiln.config import config_from_dict
+    from kiln.model.builder import build_model
+    from kiln.parallel.backend import destroy_parallel, init_parallel
+
+    config = config_from_dict({}, ["train.device=cpu", *precision])
+    ctx = init_parallel(config.train.device, config.train.seed, config.layout)
+    (model,) = build_model(config.model, config.parallel, config.train, ctx, 256, fp8=config.fp8)
+    keys = {"state_dict": sorted(model.state_dict()), "sharded": sorted(model.sharded_state_dict()),
+            "weights": {name: param.detach().float().sum().item() for name, param in model.named_parameters()}}
+    destroy_parallel()
+    return keys
+
+
+def test_a_torchao_fp8_model_checkpoints_as_its_bf16_twin():
+    """Dynamic scaling keeps no state: the same keys (and initial weights) as the bf16 model, so
+    checkpoints cross between the two precisions."""
+    (bf16,) = run_distributed(_checkpoint_keys, 1, ["train.precision=bf16"])
+    (fp8,) = run_distributed(_checkpoint_keys, 1, TORCHAO)
+    assert fp8 == bf16
