@@ -12,19 +12,21 @@ pip-installed and the machine's own torch is used:
 * ``step``: bench/step_overhead.py on the 1B preset (configs/llama3-1b.yaml, bf16, one GPU): tokens/s,
   TFLOP/s per GPU, MFU, peak memory, and kiln's step against a plain PyTorch loop with the same
   precision and fp32 master weights; run again at micro-batch 1 if micro-batch 2 runs out of memory;
+* ``fp8``: bench/fp8.py on the same preset: kiln's step with torchao's FP8 GEMMs (tensorwise) against
+  bf16, tokens/s and their ratio (micro-batch 1 on out-of-memory as well; skipped without torchao);
 * ``checkpoint``: bench/checkpoint.py --preset gpu: how long an async save blocks training against
   a synchronous save (a ~125M model: a 1B checkpoint with fp32 masters and Adam states is ~17 GB a
   save, and the bench keeps several, more than a lent machine's disk holds);
 * ``tests``: ``pytest -m gpu tests`` (pass/fail/skip counts and every test's outcome).
 
 Without a CUDA GPU (or with ``--cpu-smoke``) it runs the CPU-side part: the gpu tests (they skip)
-and tiny CPU variants of both benchmarks through the same code paths, to show the plumbing works.
+and tiny CPU variants of the benchmarks through the same code paths, to show the plumbing works.
 The report then marks every GPU metric ``measured: false`` with the reason, and the verdict
 ``not measured``: a CPU machine never reports an MFU. The report is rewritten after every part,
 so a run cut off by a machine's time limit still leaves what it finished.
 
-Exit status: 0 when every part ran and no test failed (a missed target is in the verdict, not the
-exit status), 1 otherwise.
+Exit status: 0 when every part ran (or is unavailable: the fp8 part without torchao) and no test
+failed (a missed target is in the verdict, not the exit status), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # The headline numbers first: a machine lent for a few minutes should give those before the tests.
-PARTS = ("step", "checkpoint", "tests")
-TIMEOUTS_S = {"step": 420, "checkpoint": 300, "tests": 420}
+PARTS = ("step", "fp8", "checkpoint", "tests")
+TIMEOUTS_S = {"step": 420, "fp8": 420, "checkpoint": 300, "tests": 420}
 REPORT_VERSION = 1
 
 # name → (comparison, threshold, what it judges). The step and checkpoint targets are the ones
@@ -71,6 +73,9 @@ PART_DESCRIPTIONS = {  # part → (without a GPU, with one)
     "tests": ("pytest -m gpu tests: without CUDA every one of them skips", "pytest -m gpu tests on the GPU"),
     "step": ("CPU smoke run of the 1B preset's code path, shrunk: checks the plumbing; its numbers are not GPU "
              "metrics", "kiln's step against a plain PyTorch loop, 1B preset, bf16, one GPU"),
+    "fp8": ("CPU smoke run of the FP8 benchmark, shrunk (torchao's float8 GEMMs have CPU kernels): checks the "
+            "plumbing; its numbers are not GPU metrics", "kiln's step with torchao FP8 GEMMs against bf16, 1B preset, "
+            "one GPU"),
     "checkpoint": ("CPU smoke run of the checkpoint benchmark: checks the plumbing; its numbers are not GPU metrics",
                    "async against sync checkpoint stall, ~125M model (--preset gpu), bf16, one GPU"),
 }
@@ -238,10 +243,20 @@ def step_commands(gpu: bool) -> list[tuple[str, list[str]]]:
     return [("step_overhead", bench), ("step_overhead-mb1", [*bench, "train.micro_batch_size=1"])]
 
 
-def run_step(logs: Path, child_env: dict, timeout: "Timeouts", gpu: bool) -> dict:
+def fp8_commands(gpu: bool) -> list[tuple[str, list[str]]]:
+    """(log name, command) of the FP8 benchmark and its micro-batch 1 fallback (both runs share the GPU)."""
+    bench = [sys.executable, "bench/fp8.py"]
+    if not gpu:
+        return [("fp8", [*bench, "--warmup", "1", "--rounds", "2", "--steps-per-round", "1", *CPU_SMOKE_1B])]
+    return [("fp8", bench), ("fp8-mb1", [*bench, "train.micro_batch_size=1"])]
+
+
+def run_with_fallback(part: str, commands: list[tuple[str, list[str]]], logs: Path, child_env: dict,
+                      timeout: "Timeouts") -> dict:
+    """Each command in turn while the one before ran out of GPU memory; the last one's record."""
     attempts = []
-    for name, command in step_commands(gpu):
-        budget = timeout.for_part("step")
+    for name, command in commands:
+        budget = timeout.for_part(part)
         if budget is None:
             break
         attempts.append(run_bench(name, command, logs, child_env, budget))
@@ -287,7 +302,7 @@ def _gpu_result(part: dict, label: str, why_no_gpu: str | None) -> tuple[dict | 
     """A benchmark's numbers when they are a GPU measurement, else None and why not."""
     if why_no_gpu is not None:
         return None, why_no_gpu
-    if part["status"] in ("skipped", "pending"):
+    if part["status"] in ("skipped", "pending", "unavailable"):
         return None, f"the {label} has not run" + (f" ({part['why']})" if part.get("why") else "")
     if part["status"] != "ok":
         return None, f"the {label} {part['status']} (see its log)"
@@ -315,6 +330,9 @@ def gpu_metrics(parts: dict, why_no_gpu: str | None) -> dict:
                                                                             if prefix else ""), step_why),
         }
     metrics["step_ratio"] = _metric(step and step["ratio_kiln_plain"], "kiln / plain step time", step_why)
+    fp8, fp8_why = _gpu_result(parts["fp8"], "fp8 benchmark", why_no_gpu)
+    metrics["fp8_tokens_per_s"] = _metric(fp8 and fp8["precisions"]["fp8"]["tokens_per_s"], "tokens/s", fp8_why)
+    metrics["fp8_speedup"] = _metric(fp8 and fp8["ratio_fp8_bf16"], "torchao fp8 / bf16 tokens/s", fp8_why)
     variants = ckpt["variants"] if ckpt else {"async": {}, "sync": {}}
     metrics["checkpoint_async_blocked_s"] = _metric(variants["async"].get("blocked_s"), "s per save", ckpt_why)
     metrics["checkpoint_sync_blocked_s"] = _metric(variants["sync"].get("blocked_s"), "s per save", ckpt_why)
@@ -368,7 +386,7 @@ def print_summary(report: dict, out: Path) -> None:
     packages = env.get("packages", {})
     print("packages: " + ", ".join(f"{name} {(packages.get(name) or {}).get('version') or 'absent'}"
                                    for name in ("megatron-core", "deepspeed", "mosaicml-streaming",
-                                                "transformer-engine", "flash-attn")))
+                                                "transformer-engine", "flash-attn", "torchao")))
     for name, part in report["parts"].items():
         detail = f"{part.get('duration_s', 0):.0f} s"
         if name == "step" and part.get("result"):
@@ -386,6 +404,7 @@ def print_summary(report: dict, out: Path) -> None:
     print(f"tokens/s {_format(metrics['tokens_per_s'], ',.0f')} | TFLOP/s per GPU "
           f"{_format(metrics['tflops_per_gpu'], '.1f')} | MFU {_format(metrics['mfu'], '.1%')} | peak memory "
           f"{_format(metrics['peak_memory_gib'], '.1f')} GiB | kiln/plain {_format(metrics['step_ratio'], '.3f')} | "
+          f"fp8/bf16 tokens/s {_format(metrics['fp8_speedup'], '.3f')} | "
           f"async/sync checkpoint stall {_format(metrics['checkpoint_stall_ratio'], '.3f')}")
     print("verdict: " + "; ".join(f"{name} {v['status']}" + (f" ({v['value']:.3g} {v['target']})"
                                                             if v["value"] is not None else f" ({v['target']})")
@@ -448,7 +467,12 @@ def main() -> int:
             continue
         print(f"{name}: running (log in {logs})", flush=True)
         if name == "step":  # it takes its time limit from the budget attempt by attempt
-            report["parts"][name] = run_step(logs, child_env, budget, gpu)
+            report["parts"][name] = run_with_fallback(name, step_commands(gpu), logs, child_env, budget)
+        elif name == "fp8" and not (env.get("packages", {}).get("torchao") or {}).get("present"):
+            report["parts"][name] = {"status": "unavailable",
+                                     "why": "torchao is not installed (pip install 'kiln[fp8]')"}
+        elif name == "fp8":
+            report["parts"][name] = run_with_fallback(name, fp8_commands(gpu), logs, child_env, budget)
         elif (timeout_s := budget.for_part(name)) is None:
             report["parts"][name] = {"status": "skipped", "why": "no time left in --budget-s"}
         elif name == "tests":
@@ -459,7 +483,7 @@ def main() -> int:
         save()
     print_summary(report, out)
     tests = report["parts"]["tests"]
-    all_ran = all(report["parts"][name]["status"] == "ok" for name in parts)
+    all_ran = all(report["parts"][name]["status"] in ("ok", "unavailable") for name in parts)
     return 0 if all_ran and not tests.get("failed") and not tests.get("errors") else 1
 
 

@@ -149,7 +149,7 @@ def main() -> None:
     held_by_kiln = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
     # Plain PyTorch: the same model class and weights, forward → backward → AdamW.
-    plain = build_model(config.model, config.parallel, config.train, ctx, vocab)[0]
+    plain = build_model(config.model, config.parallel, config.train, ctx, vocab, fp8=config.fp8)[0]
     plain_opt = PlainAdamW(plain.parameters(), config.optim, device)
     positions = torch.arange(seq, device=device).unsqueeze(0).expand(mb, seq)
     plain_batches = cycle()

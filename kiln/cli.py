@@ -70,15 +70,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from kiln.checkpoint.manager import check_resume_settings
         from kiln.data.setup import check_data
         from kiln.engine import engine_class
-        from kiln.parallel.backend import resolve_device
+        from kiln.train import check_environment
 
-        # A broken layout, tokenizer or dataset stops here, before any process starts.
+        # A broken layout, machine, tokenizer or dataset stops here, before any process starts.
         nodes = int(str(args.nnodes or 1).split(":")[-1])
         config.layout(args.nproc_per_node * nodes)
-        engine = engine_class(config.parallel.engine)
-        engine.check_environment(config.parallel, config.train, resolve_device(config.train.device))
+        check_environment(config)
         check_data(config.data, config.model)
-        check_resume_settings(config.checkpoint, config.train.run_dir, engine)
+        check_resume_settings(config.checkpoint, config.train.run_dir, engine_class(config.parallel.engine))
         if not config.train.run_dir:  # fixed here so every restart of the workers finds the same run
             from kiln.train import default_run_dir
 

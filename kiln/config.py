@@ -327,6 +327,11 @@ class TrainConfig:
                f"train.recompute_modules={self.recompute_modules} only applies to train.recompute=selective "
                f"(it is {self.recompute}); set train.recompute=selective or drop train.recompute_modules")
 
+    @property
+    def param_precision(self) -> str:
+        """The dtype of parameters and of everything but the FP8 GEMMs: fp8 keeps bf16 parameters."""
+        return "bf16" if self.precision == "fp8" else self.precision
+
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
@@ -444,6 +449,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self._check_engine()
+        if self.train.precision == "fp8":
+            from kiln.kernels.fp8 import check_fp8_config
+
+            check_fp8_config(self.fp8, model=self.model, parallel=self.parallel, train=self.train)
         _check(
             self.parallel.cp == 1 or self.model.seq_len % (2 * self.parallel.cp) == 0,
             f"model.seq_len({self.model.seq_len}) must be divisible by 2 × parallel.cp({self.parallel.cp}) "

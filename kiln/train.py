@@ -25,6 +25,22 @@ def default_run_dir(config: RunConfig) -> str:
     return f"runs/{config.name}-{run_id}"
 
 
+def check_environment(config: RunConfig) -> str:
+    """Stop, before any process builds anything, when this machine cannot run the config (a missing
+    GPU, library or capability): the CLI calls it before launching workers, each worker again.
+    Returns the device type the run uses."""
+    from kiln.engine import engine_class
+    from kiln.parallel.backend import resolve_device
+
+    device_type = resolve_device(config.train.device)
+    engine_class(config.parallel.engine).check_environment(config.parallel, config.train, device_type)
+    if config.train.precision == "fp8":
+        from kiln.kernels.fp8 import check_fp8_environment
+
+        check_fp8_environment(config.fp8, device_type)
+    return device_type
+
+
 def build_run_engine(config: RunConfig, ctx, vocab_size: int):
     """This rank's model parts, wrapped in the configured engine: the one place an engine is assembled."""
     from kiln.engine import build_engine
@@ -60,9 +76,8 @@ def run(config: RunConfig) -> list[dict]:
     """
     from kiln.checkpoint.manager import CheckpointManager
     from kiln.data.setup import build_batches, build_val_batches
-    from kiln.engine import engine_class
     from kiln.parallel import collectives
-    from kiln.parallel.backend import destroy_parallel, init_parallel, resolve_device, worker_environment
+    from kiln.parallel.backend import destroy_parallel, init_parallel, worker_environment
     from kiln.plan.flops import flops_per_token, peak_for
     from kiln.trainer.callbacks import build_callbacks
     from kiln.trainer.garbage import ScheduledGarbageCollection
@@ -70,8 +85,7 @@ def run(config: RunConfig) -> list[dict]:
     from kiln.trainer.preemption import PreemptionWatcher
 
     os.environ.update(worker_environment(config.parallel, config.train.device))  # for runs not started by the CLI
-    engine_class(config.parallel.engine).check_environment(config.parallel, config.train,
-                                                           resolve_device(config.train.device))
+    check_environment(config)
     ctx = init_parallel(config.train.device, config.train.seed, config.layout)
     if ctx.device.type == "cuda":
         import torch

@@ -32,8 +32,10 @@ def _parts(device: str, peak_flops: float | None) -> dict:
             "ratio_kiln_plain": 1.10, "loops": {"kiln": loop, "plain": dict(loop)}}
     checkpoint = {"device": device, "ratio_async_sync": 0.05,
                   "variants": {"async": {"blocked_s": 0.02}, "sync": {"blocked_s": 0.4}}}
-    return {"step": {"status": "ok", "result": step}, "checkpoint": {"status": "ok", "result": checkpoint},
-            "tests": {"status": "ok"}}
+    fp8 = {"device": device, "ratio_fp8_bf16": 1.3,
+           "precisions": {"bf16": {"tokens_per_s": 40_000.0}, "fp8": {"tokens_per_s": 52_000.0}}}
+    return {"step": {"status": "ok", "result": step}, "fp8": {"status": "ok", "result": fp8},
+            "checkpoint": {"status": "ok", "result": checkpoint}, "tests": {"status": "ok"}}
 
 
 def _assert_nothing_measured(metrics: dict, verdict: dict) -> None:
@@ -55,6 +57,8 @@ def test_gpu_results_are_judged_against_the_targets():
     metrics = gpu_check.gpu_metrics(_parts("cuda", peak_flops=989e12), why_no_gpu=None)
     assert metrics["mfu"] == {"value": 0.45, "unit": "fraction of peak dense bf16", "measured": True}
     assert metrics["peak_memory_gib"]["value"] == 41.5
+    assert metrics["fp8_speedup"] == {"value": 1.3, "unit": "torchao fp8 / bf16 tokens/s", "measured": True}
+    assert metrics["fp8_tokens_per_s"]["value"] == 52_000.0
     verdict = gpu_check.verdict(metrics, {})
     assert {name: v["status"] for name, v in verdict.items()} == {
         "mfu": "pass", "step_ratio": "miss", "checkpoint_stall_ratio": "pass"}
@@ -92,11 +96,14 @@ def test_cpu_side_of_the_gpu_check_runs_and_reports_no_gpu_metric(tmp_path):
     assert set(environment["packages"]) >= {"deepspeed", "mosaicml-streaming", "transformer-engine", "flash-attn"}
 
     parts = report["parts"]
-    assert list(parts) == ["step", "checkpoint", "tests"]
+    assert list(parts) == ["step", "fp8", "checkpoint", "tests"]
+    torchao = environment["packages"]["torchao"]["present"]
+    assert parts.pop("fp8")["status"] == ("ok" if torchao else "unavailable")  # its CPU smoke run needs torchao
     assert all(part["status"] == "ok" for part in parts.values())
     tests = parts["tests"]
     assert tests["skipped"] >= 1 and tests["passed"] == tests["failed"] == tests["errors"] == 0
-    assert all(t["test"].startswith("tests.test_gpu::") and t["outcome"] == "skipped" for t in tests["tests"])
+    assert all(t["test"].split("::")[0] in ("tests.test_gpu", "tests.test_gpu_fp8") and t["outcome"] == "skipped"
+               for t in tests["tests"])
     # The benches ran the GPU code paths shrunk onto the CPU: the 1B preset in bf16 with its
     # fp32-master plain loop, and the async and sync checkpoint saves.
     step = parts["step"]["result"]
@@ -107,5 +114,5 @@ def test_cpu_side_of_the_gpu_check_runs_and_reports_no_gpu_metric(tmp_path):
 
     _assert_nothing_measured(report["metrics"], report["verdict"])
     assert set(report["metrics"]) >= {"tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_gib", "step_ratio",
-                                      "checkpoint_stall_ratio"}
+                                      "fp8_speedup", "checkpoint_stall_ratio"}
     assert "GPU metrics not measured" in out.stdout and "MFU —" in out.stdout

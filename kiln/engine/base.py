@@ -65,6 +65,9 @@ class Engine(abc.ABC):
     accumulates_main_grad: ClassVar[bool] = False
     """Gradients accumulate in megatron-core DDP's fp32 ``param.main_grad`` (which lets TE's GEMMs
     write weight gradients there directly: gradient-accumulation fusion)."""
+    fp8_backends: ClassVar[tuple[str, ...]] = ("torchao",)
+    """The fp8.backend choices it trains with (train.precision=fp8). Transformer Engine's FP8 needs
+    megatron-core's schedules, which tell its layers when to re-cast their FP8 weights."""
 
     def __init__(self, *, model: ModelConfig, optim: OptimConfig, parallel: ParallelConfig, train: TrainConfig,
                  ctx) -> None:

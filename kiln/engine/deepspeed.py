@@ -142,7 +142,7 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainC
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.param_precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         # kiln builds the optimizer (torch AdamW, or DeepSpeed's CPU Adam when offloading).

@@ -60,9 +60,9 @@ class FSDPEngine(Engine):
               "parallel.sequence_parallel with parallel.engine=fsdp: the norm gradients it leaves partial over the "
               "TP group are reduced by megatron-core DDP, which fsdp replaces; set parallel.sequence_parallel=false "
               "(or use parallel.engine=megatron)")
-        check(train.precision in _COMPUTE_DTYPE,
-              f"train.precision={train.precision}: the fsdp engine trains in bf16 or fp32 (fp16 with loss scaling "
-              "needs parallel.engine=deepspeed)")
+        check(train.param_precision in _COMPUTE_DTYPE,
+              f"train.precision={train.precision}: the fsdp engine trains in bf16, fp8 or fp32 (fp16 with loss "
+              "scaling needs parallel.engine=deepspeed)")
         check(parallel.offload_optimizer == "none",
               "parallel.offload_optimizer with parallel.engine=fsdp: FSDP2 offloads parameters, gradients and the "
               "optimizer step together; set parallel.offload_params=cpu instead")
@@ -99,7 +99,7 @@ class FSDPEngine(Engine):
         mesh = DeviceMesh.from_group(self.dp_group, ctx.device.type, mesh_dim_names=("dp",))
         policy = dict(
             mesh=mesh,
-            mp_policy=MixedPrecisionPolicy(param_dtype=_COMPUTE_DTYPE[self.train_config.precision],
+            mp_policy=MixedPrecisionPolicy(param_dtype=_COMPUTE_DTYPE[self.train_config.param_precision],
                                            reduce_dtype=torch.float32),
             offload_policy=CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if p.offload_params == "cpu"
             else OffloadPolicy(),

@@ -22,6 +22,7 @@ from kiln.engine import megatron_checkpoint
 from kiln.engine.megatron_checkpoint import optimizer_step_count
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, scheduler_state
 from kiln.errors import KilnConfigError
+from kiln.kernels.fp8 import trusted_te_extra_state
 
 
 def _loss_func(output_tensor: torch.Tensor, cp: int = 1):
@@ -40,6 +41,7 @@ class MegatronEngine(Engine):
     name = "megatron"
     checkpoint_format = "megatron"
     accumulates_main_grad = True
+    fp8_backends = ("te", "torchao")
 
     @classmethod
     def validate(cls, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig) -> None:
@@ -82,7 +84,7 @@ class MegatronEngine(Engine):
         ]
         self._overlaps_param_gather = ddp_config.overlap_param_gather
         self._kept_extra_state: list[list[str]] = [[] for _ in self.models]
-        bf16 = self.train_config.precision == "bf16"
+        bf16 = self.train_config.param_precision == "bf16"
         # megatron-core's default grouping exempts biases and 1-D parameters (norm gains) from weight decay.
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -214,7 +216,8 @@ class MegatronEngine(Engine):
         for index, model in enumerate(self.models):
             own = model.module.state_dict()
             loaded[f"model{index}"].update({name: own[name] for name in self._kept_extra_state[index]})
-        megatron_checkpoint.load_sharded_state(self.models, self.optimizer, loaded)
+        with trusted_te_extra_state():  # TE's delayed-scaling FP8 state is a pickle (kiln.kernels.fp8)
+            megatron_checkpoint.load_sharded_state(self.models, self.optimizer, loaded)
         choose_adam_kernel(self.optimizer, fused=self.ctx.device.type == "cuda")
 
     def state_dict(self) -> dict[str, Any]:

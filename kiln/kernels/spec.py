@@ -8,7 +8,8 @@ is kiln's (kiln.kernels.attention) on the run's attention backend.
 
 Both specs save the same checkpoint keys: the local spec maps its norms onto TE's fused
 names (megatron-core's ``sharded_state_dict_keys_map``), so a CPU rehearsal's checkpoint
-continues on a GPU cluster and back (TE's extra FP8 state is handled at load).
+continues on a GPU cluster and back (TE's extra FP8 state is handled at load). FP8 through
+torchao (kiln.kernels.float8_linear) runs on the local spec, with its four GEMMs swapped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+
+from kiln.config import Fp8Config
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +42,29 @@ def transformer_engine_missing() -> str | None:
     return None
 
 
-def uses_transformer_engine(device_type: str) -> bool:
-    return device_type == "cuda" and transformer_engine_missing() is None
+def uses_transformer_engine(device_type: str, fp8: Fp8Config | None = None) -> bool:
+    """Whether the TE layer spec runs: on a GPU with TE, unless ``fp8`` (the run's fp8 section when
+    train.precision=fp8) asks for torchao, whose GEMMs go into the local spec's linear layers."""
+    torchao_fp8 = fp8 is not None and fp8.backend == "torchao"
+    return device_type == "cuda" and transformer_engine_missing() is None and not torchao_fp8
 
 
-def select_layer_spec(device_type: str, attention_backend: str):
-    """megatron-core ModuleSpec of one transformer layer for this device."""
+def select_layer_spec(device_type: str, attention_backend: str, fp8: Fp8Config | None = None):
+    """megatron-core ModuleSpec of one transformer layer for this device (and FP8 backend)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     from kiln.kernels.attention import core_attention_spec
 
-    if uses_transformer_engine(device_type):
+    if uses_transformer_engine(device_type, fp8):
         log.info("kernels: Transformer Engine layer spec")
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
         spec.submodules.self_attention.submodules.core_attention = core_attention_spec(attention_backend)
         return spec
     from kiln.kernels.norm import RMSNorm
 
-    if device_type != "cuda":
+    if fp8 is not None and fp8.backend == "torchao":
+        reason = f"torchao float8 {fp8.recipe} GEMMs in its linear layers"
+    elif device_type != "cuda":
         reason = "no GPU"
     else:
         reason = f"Transformer Engine unusable: {transformer_engine_missing()}; pip install 'kiln[gpu]'"
@@ -65,10 +73,15 @@ def select_layer_spec(device_type: str, attention_backend: str):
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(attention_backend)
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if fp8 is not None and fp8.backend == "torchao":
+        from kiln.kernels.float8_linear import use_float8_linears
+
+        use_float8_linears(spec, fp8.recipe)
     return spec
 
 
-def select_block_spec(tconfig, device_type: str, attention_backend: str, *, vp_stage: int | None, pp_rank: int):
+def select_block_spec(tconfig, device_type: str, attention_backend: str, *, vp_stage: int | None, pp_rank: int,
+                      fp8: Fp8Config | None = None):
     """The decoder block of one model chunk: its layers' spec and its final norm.
 
     Built here rather than left to megatron-core, which gives a bare layer spec the torch norm
@@ -76,8 +89,8 @@ def select_block_spec(tconfig, device_type: str, attention_backend: str, *, vp_s
     """
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = select_layer_spec(device_type, attention_backend)
-    if uses_transformer_engine(device_type):
+    layer = select_layer_spec(device_type, attention_backend, fp8)
+    if uses_transformer_engine(device_type, fp8):
         return layer
     from kiln.kernels.norm import RMSNorm
 
@@ -85,11 +98,12 @@ def select_block_spec(tconfig, device_type: str, attention_backend: str, *, vp_s
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm)
 
 
-def initialize_tp_comm_overlap(model_config, train_config, ctx) -> None:
+def initialize_tp_comm_overlap(model_config, train_config, ctx, fp8: Fp8Config | None = None) -> None:
     """Transformer Engine's userbuffers for overlapping TP communication with the GEMMs.
 
     Sized as Megatron-LM sizes them: one sequence-parallel activation of a micro-batch,
-    [seq_len × micro_batch / cp, hidden]. Must run before the model is built.
+    [seq_len × micro_batch / cp, hidden]; FP8 ones when TE runs the GEMMs in FP8. Must run
+    before the model is built.
     """
     from kiln.errors import KilnEnvironmentError
 
@@ -100,5 +114,6 @@ def initialize_tp_comm_overlap(model_config, train_config, ctx) -> None:
     from transformer_engine.pytorch import module as te_module
 
     shape = [model_config.seq_len * train_config.micro_batch_size // ctx.layout.cp, model_config.hidden_size]
-    te_module.base.initialize_ub(shape=shape, tp_size=ctx.layout.tp, use_fp8=False, bootstrap_backend="nccl")
+    te_module.base.initialize_ub(shape=shape, tp_size=ctx.layout.tp, use_fp8=fp8 is not None and fp8.backend == "te",
+                                 bootstrap_backend="nccl")
     log.info("kernels: TP communication overlapped with GEMMs (TE userbuffers, %s)", shape)

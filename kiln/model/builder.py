@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from kiln.config import Fp8Config, KernelsConfig, ModelConfig, ParallelConfig, TrainConfig
 from kiln.kernels.attention import choose_backend
+from kiln.kernels.fp8 import te_transformer_settings
 from kiln.kernels.fusions import fusion_settings
 from kiln.kernels.spec import initialize_tp_comm_overlap, select_block_spec, uses_transformer_engine
 from kiln.model.init import init_weights
@@ -28,17 +29,19 @@ def _leave_uninitialised(tensor: torch.Tensor) -> None:
     pass
 
 
-def transformer_config(m: ModelConfig, parallel: ParallelConfig, train: TrainConfig, ctx: ParallelContext, *,
-                       documents: bool = False):
+def transformer_config(m: ModelConfig, parallel: ParallelConfig, train: TrainConfig, ctx: ParallelContext,
+                       fp8: Fp8Config | None = None, *, documents: bool = False):
     """megatron-core TransformerConfig for the run: RMSNorm, SwiGLU, no biases, no dropout.
 
+    ``fp8``: the fp8 section when train.precision=fp8 (parameters stay bf16; see kiln.kernels.fp8).
     ``documents``: RoPE positions differ between samples, which the fused RoPE kernel does not take.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from kiln.engine import engine_class
 
-    layout, precision, device_type = ctx.layout, train.precision, ctx.device.type
+    layout, precision, device_type = ctx.layout, train.param_precision, ctx.device.type
+    transformer_engine = uses_transformer_engine(device_type, fp8)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # Stage-to-stage sends overlap compute only in the interleaved schedule, and only as
     # separate (not batched) isend/irecv calls.
@@ -74,8 +77,9 @@ def transformer_config(m: ModelConfig, parallel: ParallelConfig, train: TrainCon
         init_method=_leave_uninitialised,
         output_layer_init_method=_leave_uninitialised,
         use_cpu_initialization=False,
-        **fusion_settings(device_type, transformer_engine=uses_transformer_engine(device_type),
+        **fusion_settings(device_type, transformer_engine=transformer_engine,
                           main_grad=engine_class(parallel.engine).accumulates_main_grad, per_sample_rope=documents),
+        **te_transformer_settings(fp8, transformer_engine=transformer_engine),
         **recompute_settings(train),
         deallocate_pipeline_outputs=True,
         overlap_p2p_comm=overlap_p2p,
@@ -105,10 +109,11 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
     from kiln.model.gpt import KilnGPTModel
 
     kernels = kernels or KernelsConfig()
+    fp8 = (fp8 or Fp8Config()) if train.precision == "fp8" else None
 
     if parallel.tp_comm_overlap:
-        initialize_tp_comm_overlap(model_config, train, ctx)
-    tconfig = transformer_config(model_config, parallel, train, ctx, documents=documents)
+        initialize_tp_comm_overlap(model_config, train, ctx, fp8)
+    tconfig = transformer_config(model_config, parallel, train, ctx, fp8, documents=documents)
     attention = choose_backend(kernels.attention, ctx.device.type, documents=documents, cp=ctx.layout.cp)
     if ctx.rank == 0:
         log.info(f"kernels: attention {attention}" + (" (auto)" if kernels.attention == "auto" else "")
@@ -122,7 +127,7 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
         model = KilnGPTModel(
             config=tconfig,
             transformer_layer_spec=select_block_spec(tconfig, ctx.device.type, attention, pp_rank=coords["pp"],
-                                                     vp_stage=vp_stage if layout.virtual_pp else None),
+                                                     vp_stage=vp_stage if layout.virtual_pp else None, fp8=fp8),
             vocab_size=padded,
             max_sequence_length=model_config.seq_len,
             pre_process=coords["pp"] == 0 and vp_stage == 0,
@@ -143,6 +148,7 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
         models.append(model)
     if ctx.rank == 0:
         total = count_parameters(model_config, vocab_size, tp=layout.tp)
+        fp8_note = f" ({fp8.backend} {fp8.recipe} GEMMs, bf16 parameters)" if fp8 else ""
         log.info(f"model: {human_exact(total.total)} parameters, {len(models)} chunk(s) per rank, "
-                 f"{train.precision}")
+                 f"{train.precision}{fp8_note}")
     return models
