@@ -38,6 +38,10 @@ def check_environment(config: RunConfig) -> str:
         from kiln.kernels.fp8 import check_fp8_environment
 
         check_fp8_environment(config.fp8, device_type)
+    from kiln.kernels.attention import choose_backend
+
+    choose_backend(config.kernels.attention, device_type, documents=config.data.reset_attention_at_eos,
+                   cp=config.parallel.cp)
     return device_type
 
 

@@ -152,3 +152,22 @@ def test_ring_attention_matches_reference(cp, documents, dtype, kernel):
         for got, want, name in zip(grads, ref_grads, "qkv"):
             torch.testing.assert_close(got, split_for_context_parallel(want, rank, cp, dim=0), **tol,
                                        msg=f"rank {rank} d{name}")
+
+
+def test_cli_refuses_an_absent_backend_before_launch(tmp_path):
+    from tests.kiln_run import kiln
+
+    result = kiln("train", "configs/tiny.yaml", "--nproc-per-node", "2", "train.device=cpu", "kernels.attention=flash",
+                  f"train.run_dir={tmp_path / 'run'}", check=False, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "kernels.attention=flash runs on NVIDIA GPUs" in result.stderr
+    assert not (tmp_path / "run").exists()  # no worker started, nothing written
+
+
+def test_dry_run_reports_context_parallel_chunks():
+    from kiln.config import config_from_dict
+
+    config = config_from_dict({}, ["parallel.cp=2", "data.reset_attention_at_eos=true"])
+    report = config.dry_run_report(2, vocab_size=4096)
+    assert "document masks" in report
+    assert "each cp rank holds 2 chunks of 32 tokens (64 of 128 per sequence)" in report
