@@ -171,3 +171,23 @@ def test_dry_run_reports_context_parallel_chunks():
     report = config.dry_run_report(2, vocab_size=4096)
     assert "document masks" in report
     assert "each cp rank holds 2 chunks of 32 tokens (64 of 128 per sequence)" in report
+
+
+def _ring_on_one_gpu(rank: int):
+    import torch.distributed as dist
+
+    from kiln.kernels.ring_attention import ring_attention
+
+    dist.init_process_group("nccl")
+    q, k, v, docs = (t.cuda() if t is not None else None for t in _inputs(3, documents=True))
+    out, grads = _forward_and_grads(lambda *a: ring_attention(*a, docs, DIM ** -0.5, dist.group.WORLD), q, k, v)
+    ref, ref_grads = _forward_and_grads(lambda *a: reference_attention(*a, docs, DIM ** -0.5), q, k, v)
+    dist.destroy_process_group()
+    return [float((a - b).abs().max()) for a, b in zip([out, *grads], [ref, *ref_grads])]
+
+
+@pytest.mark.gpu
+def test_ring_block_kernel_on_a_gpu():
+    """The portable block kernel on CUDA (a ring of one: every part is local)."""
+    errors = run_distributed(_ring_on_one_gpu, 1)[0]
+    assert max(errors) < 1e-4, errors

@@ -203,8 +203,9 @@ class _RingAttention(torch.autograd.Function):
                 grad_q[:, :, qs] += dq
                 grad_kv[0][:, :, ks] += dk
                 grad_kv[1][:, :, ks] += dv
-            grad_kv, grad_requests = ring_exchange(grad_kv, send_to, receive_from, group, _GRAD_TAG)
-            _wait(grad_requests)
+            if size > 1:  # the gradients follow their block one hop
+                grad_kv, grad_requests = ring_exchange(grad_kv, send_to, receive_from, group, _GRAD_TAG)
+                _wait(grad_requests)
             if step < size - 1:
                 _wait(kv_requests)
                 kv = incoming
