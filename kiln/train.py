@@ -41,7 +41,7 @@ def check_environment(config: RunConfig) -> str:
     from kiln.kernels.attention import choose_backend
 
     choose_backend(config.kernels.attention, device_type, documents=config.data.reset_attention_at_eos,
-                   cp=config.parallel.cp)
+                   cp=config.parallel.cp, precision=config.train.precision)
     return device_type
 
 

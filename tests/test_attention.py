@@ -103,6 +103,22 @@ def test_backend_choice():
             choose_backend(backend, "cpu", documents=False, cp=1)
 
 
+def test_backend_choice_on_a_gpu(monkeypatch):
+    from kiln.kernels import attention
+
+    present = {"te": False, "flash": True, "flex": True, "sdpa": True}
+    monkeypatch.setattr(attention, "backend_missing", lambda name, device: None if present[name] else "absent")
+    assert choose_backend("auto", "cuda", documents=False, cp=1) == "flash"
+    assert choose_backend("auto", "cuda", documents=True, cp=1, precision="fp32") == "flex"  # flash: half only
+    with pytest.raises(KilnConfigError, match="bf16/fp16 only"):
+        choose_backend("flash", "cuda", documents=False, cp=1, precision="fp32")
+    present["te"] = True
+    assert choose_backend("auto", "cuda", documents=False, cp=2) == "te"
+    assert choose_backend("auto", "cuda", documents=True, cp=2) == "flash"  # TE's CP does not take kiln's documents
+    with pytest.raises(KilnConfigError, match="kiln's ring attention masks documents"):
+        choose_backend("te", "cuda", documents=True, cp=2)
+
+
 def test_context_parallel_chunks_balance_causal_work():
     # 2·cp chunks of 4 tokens; rank r holds chunks r and 2·cp−1−r.
     assert local_positions(8, 0, 2).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]

@@ -66,18 +66,22 @@ def backend_missing(name: str, device_type: str) -> str | None:
     return None
 
 
-def choose_backend(requested: str, device_type: str, *, documents: bool, cp: int) -> str:
+def choose_backend(requested: str, device_type: str, *, documents: bool, cp: int, precision: str = "bf16") -> str:
     """The backend a run uses: ``requested``, or for ``auto`` the fastest present one; a
     KilnConfigError (before launch) when the requested one cannot run here."""
     if requested == "auto":
         order = BACKENDS if device_type == "cuda" else ("sdpa",)
         for name in order:
             # Dense document masks in SDPA are the slow path: on GPUs flex's block mask is preferred.
-            if backend_missing(name, device_type) is None and not (name == "te" and documents and cp > 1):
+            if (backend_missing(name, device_type) is None and not (name == "te" and documents and cp > 1)
+                    and not (name == "flash" and precision == "fp32")):
                 return name
     reason = backend_missing(requested, device_type)
     if reason:
         raise KilnConfigError(reason)
+    if requested == "flash" and precision == "fp32":
+        raise KilnConfigError("kernels.attention=flash: flash-attn computes in bf16/fp16 only and train.precision is "
+                              "fp32; use kernels.attention=sdpa (or te) for fp32 runs")
     if requested == "te" and documents and cp > 1:
         raise KilnConfigError("kernels.attention=te with data.reset_attention_at_eos and parallel.cp > 1: TE's "
                               "context parallelism splits each document separately (THD), which kiln's data path "

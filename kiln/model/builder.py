@@ -114,7 +114,8 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
     if parallel.tp_comm_overlap:
         initialize_tp_comm_overlap(model_config, train, ctx, fp8)
     tconfig = transformer_config(model_config, parallel, train, ctx, fp8, documents=documents)
-    attention = choose_backend(kernels.attention, ctx.device.type, documents=documents, cp=ctx.layout.cp)
+    attention = choose_backend(kernels.attention, ctx.device.type, documents=documents, cp=ctx.layout.cp,
+                               precision=train.precision)
     if ctx.rank == 0:
         log.info(f"kernels: attention {attention}" + (" (auto)" if kernels.attention == "auto" else "")
                  + (f", ring over cp={ctx.layout.cp}" if ctx.layout.cp > 1 and attention != "te" else "")
