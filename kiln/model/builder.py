@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import Fp8Config, KernelsConfig, ModelConfig, ParallelConfig, TrainConfig
+from kiln.kernels.compile import compile_layers
 from kiln.kernels.fusions import fusion_settings
 from kiln.kernels.spec import initialize_tp_comm_overlap, select_block_spec, uses_transformer_engine
 from kiln.model.init import init_weights
@@ -131,6 +132,8 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
         model.to(device=ctx.device, dtype=tconfig.params_dtype)
         init_weights(model, model_config, ctx, seed=train.seed)
         models.append(model)
+    if kernels.compile:
+        compile_layers(models)
     if ctx.rank == 0:
         total = count_parameters(model_config, vocab_size, tp=layout.tp)
         log.info(f"model: {human_exact(total.total)} parameters, {len(models)} chunk(s) per rank, "
