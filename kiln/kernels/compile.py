@@ -78,6 +78,8 @@ class CompiledLayers:
         self.fallback: str | None = None
         """Why the layers run eagerly (None while compiled)."""
         self._switched: list[torch.nn.Module] = []
+        if not layers:  # a pipeline stage without transformer layers
+            return
         device = next(p.device for layer in layers for p in layer.parameters())
         if uses_transformer_engine(device.type):
             self.fall_back("Transformer Engine's layers opt out of torch.compile (their forwards are "
@@ -93,6 +95,7 @@ class CompiledLayers:
             return
         for layer, forward in zip(layers, compiled):
             layer.forward = _GuardedForward(self, layer.forward, forward)
+        log.info(f"kernels: {len(layers)} transformer layers compile at the first step (torch.compile, {backend})")
 
     def fall_back(self, error: BaseException | str) -> None:
         """Every layer eager from now on; says why once."""
@@ -114,11 +117,11 @@ class CompiledLayers:
         self.graphs += 1
         self.compile_seconds += seconds
         if self.graphs == 1:
-            log.info(f"kernels: torch.compile of {len(self.layers)} transformer layers (one graph for all, "
-                     f"fullgraph, static shapes): first step compiled in {seconds:.1f} s")
+            log.info(f"kernels: torch.compile of {len(self.layers)} transformer layers: first step compiled in "
+                     f"{seconds:.1f} s (one graph shared by all layers; fullgraph, static shapes)")
         else:  # e.g. full recompute's gradient pass, or evaluation
-            log.info(f"kernels: transformer layers compiled another graph ({self.graphs} in all: other grad "
-                     f"mode, train/eval or shape) in {seconds:.1f} s")
+            log.info(f"kernels: transformer layers compiled graph {self.graphs} in {seconds:.1f} s (another grad "
+                     "mode, train/eval or input shape)")
 
 
 def _graphs_compiled() -> int:
