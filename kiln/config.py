@@ -453,6 +453,7 @@ class RunConfig:
             from kiln.kernels.fp8 import check_fp8_config
 
             check_fp8_config(self.fp8, model=self.model, parallel=self.parallel, train=self.train)
+        self._check_compile()
         _check(
             self.parallel.cp == 1 or self.model.seq_len % (2 * self.parallel.cp) == 0,
             f"model.seq_len({self.model.seq_len}) must be divisible by 2 × parallel.cp({self.parallel.cp}) "
@@ -479,6 +480,25 @@ class RunConfig:
                 f"the config has a {section}: section but parallel.engine is {self.parallel.engine}; set "
                 f"parallel.engine={name} or remove the section",
             )
+
+    def _check_compile(self) -> None:
+        """kernels.compile against what puts untraceable code inside a transformer layer (kiln.kernels.compile)."""
+        from kiln.engine import engine_class
+
+        if not self.kernels.compile:
+            return
+        p = self.parallel
+        _check(not p.sequence_parallel,
+               "kernels.compile with parallel.sequence_parallel: megatron-core's sequence-parallel linears "
+               "all-gather and reduce-scatter asynchronously inside their autograd functions, which torch.compile "
+               "cannot trace; set parallel.sequence_parallel=false or kernels.compile=false")
+        _check(self.train.recompute != "selective",
+               "kernels.compile with train.recompute=selective: megatron-core's checkpoint function saves and "
+               "restores RNG states inside the layer, which torch.compile cannot trace; set train.recompute=full "
+               "(whole compiled layers are recomputed) or none, or kernels.compile=false")
+        hooks = engine_class(p.engine).hooks_inside_layers(p, self.optim, self.train)
+        _check(hooks is None, f"kernels.compile cannot trace hooks inside a transformer layer, and parallel.engine="
+               f"{p.engine} puts some there: {hooks}; or set kernels.compile=false")
 
     def engine_options(self) -> dict[str, Any] | None:
         """The running engine's own section (e.g. ``deepspeed:``), or None."""

@@ -84,6 +84,12 @@ class Engine(abc.ABC):
         """Raise KilnEnvironmentError for what this machine cannot do with these settings."""
 
     @classmethod
+    def hooks_inside_layers(cls, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig) -> str | None:
+        """Why this engine with these settings runs hooks inside the transformer layers (which compiled
+        layers cannot trace: kernels.compile), naming the setting that avoids them; None when it does not."""
+        return None
+
+    @classmethod
     def describe(cls, parallel: ParallelConfig) -> str:
         """A few words for the dry run and the start-up log."""
         return cls.name

@@ -213,6 +213,13 @@ class DeepSpeedEngine(Engine):
                     "refuses it); use train.precision=bf16 or fp32 here, fp16 on a GPU")
 
     @classmethod
+    def hooks_inside_layers(cls, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig) -> str | None:
+        if parallel.zero_stage == 3:
+            return ("ZeRO-3 gathers each submodule's parameters in its own hooks; set parallel.zero_stage=1 or 2, "
+                    "or use parallel.engine=fsdp (its hooks wrap whole layers)")
+        return None
+
+    @classmethod
     def describe(cls, parallel: ParallelConfig) -> str:
         offload = [f"{what} → {where}" for what, where in (("optimizer", parallel.offload_optimizer),
                                                           ("params", parallel.offload_params)) if where != "none"]

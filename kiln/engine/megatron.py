@@ -53,6 +53,14 @@ class MegatronEngine(Engine):
                                   f"(or fsdp, for parameters); the {cls.name} engine does not offload")
 
     @classmethod
+    def hooks_inside_layers(cls, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig) -> str | None:
+        if parallel.overlap_param_gather and optim.distributed_optimizer and train.device != "cpu":
+            return ("with parallel.overlap_param_gather and optim.distributed_optimizer, megatron-core DDP waits for "
+                    "each module's parameter all-gather in forward pre-hooks (on GPUs); set "
+                    "parallel.overlap_param_gather=false (parameters are then gathered after the optimizer step)")
+        return None
+
+    @classmethod
     def describe(cls, parallel: ParallelConfig) -> str:
         return cls.name
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kiln.config import Fp8Config, KernelsConfig, ModelConfig, ParallelConfig, TrainConfig
 from kiln.kernels.attention import choose_backend
 from kiln.kernels.fp8 import te_transformer_settings
+from kiln.kernels.compile import compile_layers
 from kiln.kernels.fusions import fusion_settings
 from kiln.kernels.spec import initialize_tp_comm_overlap, select_block_spec, uses_transformer_engine
 from kiln.model.init import init_weights
@@ -147,6 +148,8 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
         model.to(device=ctx.device, dtype=tconfig.params_dtype)
         init_weights(model, model_config, ctx, seed=train.seed)
         models.append(model)
+    if kernels.compile:
+        compile_layers(models)
     if ctx.rank == 0:
         total = count_parameters(model_config, vocab_size, tp=layout.tp)
         fp8_note = f" ({fp8.backend} {fp8.recipe} GEMMs, bf16 parameters)" if fp8 else ""
