@@ -492,6 +492,9 @@ class RunConfig:
                "kernels.compile with parallel.sequence_parallel: megatron-core's sequence-parallel linears "
                "all-gather and reduce-scatter asynchronously inside their autograd functions, which torch.compile "
                "cannot trace; set parallel.sequence_parallel=false or kernels.compile=false")
+        _check(p.cp == 1,
+               f"kernels.compile with parallel.cp={p.cp}: ring attention exchanges keys and values point to point "
+               "inside each layer, which torch.compile cannot trace; set kernels.compile=false (or parallel.cp=1)")
         _check(self.train.recompute != "selective",
                "kernels.compile with train.recompute=selective: megatron-core's checkpoint function saves and "
                "restores RNG states inside the layer, which torch.compile cannot trace; set train.recompute=full "

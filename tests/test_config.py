@@ -32,13 +32,14 @@ def test_override_syntax_error():
         ("model.hidden_size=65", "model.hidden_size(65) is not divisible by model.num_attention_heads(4): 65 / 4 = 16.25"),
         ("optim.min_lr=1.0", "optim.min_lr(1.0) must be in [0, optim.lr(0.0003)]"),
         ("model.num_query_groups=3", "model.num_attention_heads(4) is not divisible by model.num_query_groups(3)"),
+        ("kernels.compile=true parallel.cp=2", "kernels.compile with parallel.cp=2: ring attention"),
         ("kernels.attention=xformers", "kernels.attention: 'xformers' is not one of 'auto', 'flash'"),
         ("fp8.recipe=rowwise", "fp8.recipe=rowwise is not a te recipe; fp8.backend=te offers delayed, tensorwise, mxfp8"),
     ],
 )
 def test_bad_values_name_the_setting(override, message):
     with pytest.raises(KilnConfigError) as err:
-        config_from_dict({}, [override])
+        config_from_dict({}, override.split())
     assert message in str(err.value)
 
 
