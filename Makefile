@@ -9,8 +9,11 @@ CONFIG ?= configs/tiny.yaml
 # Test files run in parallel, each whole on one worker (its module fixtures are computed once):
 # most tests wait on process start-up, so two workers fill 2 cores (18.6 -> 13.2 min).
 TEST_WORKERS ?= 2
+# `make test` runs one representative case of each composition matrix (under 20 minutes on 2
+# cores); `make test-extended` runs the rest (CI runs both).
+TEST_MARKS ?= not extended
 
-.PHONY: train test install dry-run bench clean
+.PHONY: train test test-extended install dry-run bench clean
 
 # The interpreter's own path. pyenv's shim for an installed but unselected version (python3.12
 # while 3.11 is pyenv's global one) refuses to run; then pyenv is asked among all its versions.
@@ -33,7 +36,10 @@ train: $(STAMP)
 	$(VENV)/bin/kiln train $(CONFIG) --nproc-per-node $(NPROC) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "$(TEST_MARKS)" $(PYTEST_ARGS)
+
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m extended $(PYTEST_ARGS)
 
 dry-run: $(STAMP)
 	$(VENV)/bin/kiln train configs/llama3-8b.yaml --dry-run --world-size 64

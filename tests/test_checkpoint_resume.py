@@ -81,7 +81,8 @@ def test_reshard_from_one_process(references, resume_with, tmp_path, cache):
     _assert_close(got, references["single"][1], got)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+# dp2 (the distributed optimizer's sharded state) is in `make test-extended`.
+@pytest.mark.parametrize("layout", ["tp2", pytest.param("dp2", marks=pytest.mark.extended)])
 def test_killed_worker_restarts_and_resumes_bitwise(references, layout, tmp_path, cache):
     nproc, overrides = LAYOUTS[layout]
     run_dir = tmp_path / "run"

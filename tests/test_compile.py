@@ -177,14 +177,17 @@ def test_a_checkpoint_continues_with_and_without_compile(runs, tmp_path, cache_d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc,layout", [
-    (2, ("parallel.tp=2",)),
+    pytest.param(2, ("parallel.tp=2",), id="tp2"),
     # dp=2; on GPUs the overlapped parameter gather would put DDP's hooks inside the layers (a config error)
-    (2, ("optim.distributed_optimizer=true", "parallel.overlap_param_gather=false")),
-    (2, ("parallel.pp=2",)),
-    (1, ("train.recompute=full",)),  # the first pass without gradients: a second graph
-    (2, ("parallel.engine=fsdp",)),  # FSDP2's hooks around each compiled layer
-    (2, ("parallel.engine=deepspeed", "parallel.zero_stage=2")),
-], ids=["tp2", "dp2", "pp2", "full-recompute", "fsdp", "deepspeed-zero2"])
+    pytest.param(2, ("optim.distributed_optimizer=true", "parallel.overlap_param_gather=false"), id="dp2",
+                 marks=pytest.mark.extended),
+    pytest.param(2, ("parallel.pp=2",), id="pp2", marks=pytest.mark.extended),
+    # the first pass without gradients: a second graph
+    pytest.param(1, ("train.recompute=full",), id="full-recompute", marks=pytest.mark.extended),
+    pytest.param(2, ("parallel.engine=fsdp",), id="fsdp"),  # FSDP2's hooks around each compiled layer
+    pytest.param(2, ("parallel.engine=deepspeed", "parallel.zero_stage=2"), id="deepspeed-zero2",
+                 marks=pytest.mark.extended),
+])
 def test_compiled_layouts_have_the_single_process_losses(runs, tmp_path, cache_dir, nproc, layout):
     _, reference = runs["eager"]
     metrics = train(tmp_path / "run", nproc, *COMMON, "kernels.compile=true", *layout, cache_dir=cache_dir)

@@ -47,17 +47,26 @@ def test_document_masking_changes_the_loss(baseline):
     assert min(differences) > 2 * REL_TOL, differences  # beyond the parity tolerance, at every step
 
 
-@pytest.mark.parametrize("masking", ["causal", "documents"])
-@pytest.mark.parametrize("name,nproc,layout", [
-    ("cp2", 2, ("parallel.cp=2",)),
-    ("cp2-tp2-sequence-parallel", 4, ("parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true")),
-    ("cp2-dp2", 4, ("parallel.cp=2", "optim.distributed_optimizer=true")),
+CP2 = (2, ("parallel.cp=2",))
+CP2_TP2 = (4, ("parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"))
+CP2_DP2 = (4, ("parallel.cp=2", "optim.distributed_optimizer=true"))
+
+
+@pytest.mark.parametrize("name,nproc,layout,masking", [
+    pytest.param("cp2", *CP2, "causal"),
+    pytest.param("cp2", *CP2, "documents"),
+    pytest.param("cp2-tp2-sequence-parallel", *CP2_TP2, "documents"),
+    pytest.param("cp2-dp2", *CP2_DP2, "documents"),
+    # The same layouts without masks: `make test-extended` (CI runs both tiers).
+    pytest.param("cp2-tp2-sequence-parallel", *CP2_TP2, "causal", marks=pytest.mark.extended),
+    pytest.param("cp2-dp2", *CP2_DP2, "causal", marks=pytest.mark.extended),
 ])
 def test_context_parallel_matches_single_process(name, nproc, layout, masking, baseline, tmp_path, cache_dir):
     metrics = train(tmp_path / name, nproc, *COMMON, *layout, *MASKING[masking], cache_dir=cache_dir)
     assert_same_losses(baseline(masking), metrics, last_step=STEPS, rel_tol=REL_TOL)
 
 
+@pytest.mark.extended
 def test_context_parallel_with_pipeline(baseline, tmp_path, cache_dir):
     # Stages exchange [s/cp, b, h] activations; every stage rebuilds positions and documents itself.
     layout = ("parallel.cp=2", "parallel.pp=2")

@@ -66,17 +66,19 @@ def test_baseline_learns(baseline):
         # The 8B/70B presets' settings on the local spec (kiln's norm sums its gains' gradients over TP).
         ("tp2-sequence-parallel", "2 layers", ("parallel.tp=2", "parallel.sequence_parallel=true")),
         # Recomputed layers redo the TP-rank dropout streams and collectives of the first pass.
-        ("tp2-sequence-parallel-full-recompute", "2 layers",
-         ("parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=full")),
+        pytest.param("tp2-sequence-parallel-full-recompute", "2 layers",
+                     ("parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=full"),
+                     marks=pytest.mark.extended),
         ("dp2-selective-recompute", "2 layers", ("train.recompute=selective",)),
         # Recomputation is megatron-core's, inside the model: the other engines get it too.
         ("fsdp-full-recompute", "2 layers", ("parallel.engine=fsdp", "train.recompute=full")),
         ("pp2", "2 layers", ("parallel.pp=2",)),
         ("dp2", "2 layers", ()),
         ("dp2-distributed-optimizer", "2 layers", ("optim.distributed_optimizer=true",)),
-        ("pp2-interleaved", "4 layers", ("parallel.pp=2", "parallel.virtual_pp=2")),
+        pytest.param("pp2-interleaved", "4 layers", ("parallel.pp=2", "parallel.virtual_pp=2"),
+                     marks=pytest.mark.extended),
         # The last stage holds its own copy of a tied embedding, kept in sync over the embedding group.
-        ("pp2-tied-embeddings", "tied embeddings", ("parallel.pp=2",)),
+        pytest.param("pp2-tied-embeddings", "tied embeddings", ("parallel.pp=2",), marks=pytest.mark.extended),
         # kiln's chunked cross-entropy (100 tokens a chunk: 512 tokens are 5 full chunks and a
         # short one) under TP and SP against megatron-core's plain loss in one process.
         ("tp2-sp-chunked-cross-entropy", "plain cross-entropy",
