@@ -59,7 +59,7 @@ def _assert_close(got: dict, want: list, steps, rel=1e-5):
         assert got[step] == pytest.approx(want[step - 1], rel=rel), f"step {step}: {got[step]} vs {want[step - 1]}"
 
 
-@pytest.mark.parametrize("saved_with", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("saved_with", ["tp2", pytest.param("pp2", marks=pytest.mark.extended), "dp2"])
 def test_reshard_to_one_process(references, saved_with, tmp_path, cache):
     source = references[saved_with][0] / "checkpoints" / "step_000008"
     metrics = train(tmp_path / "run", 1, *COMMON, *SINGLE_FOR.get(saved_with, ()), f"checkpoint.resume_from={source}",
@@ -69,7 +69,7 @@ def test_reshard_to_one_process(references, saved_with, tmp_path, cache):
     _assert_close(got, references["single"][1], got)
 
 
-@pytest.mark.parametrize("resume_with", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("resume_with", ["tp2", pytest.param("pp2", marks=pytest.mark.extended), "dp2"])
 def test_reshard_from_one_process(references, resume_with, tmp_path, cache):
     source = references["single"][0] / "checkpoints"  # a checkpoint root: its latest good step
     nproc, overrides = LAYOUTS[resume_with]

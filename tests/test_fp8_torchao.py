@@ -96,14 +96,16 @@ def bf16_losses():
 
 
 @pytest.mark.parametrize("world,overrides", [
-    (1, ["fp8.recipe=rowwise"]),
+    pytest.param(1, ["fp8.recipe=rowwise"], id="tp1-rowwise"),
     # TP's collectives around the GEMM, with and without sequence parallelism
-    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-    (2, ["parallel.tp=2", "optim.distributed_optimizer=true"]),
+    pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
+    pytest.param(2, ["parallel.tp=2", "optim.distributed_optimizer=true"], id="tp2-distopt",
+                 marks=pytest.mark.extended),
     # the other engines (dp=2): torchao's GEMMs hold no state, so any engine runs them
-    (2, ["parallel.engine=fsdp"]),
-    (2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
-], ids=["tp1-rowwise", "tp2-sp", "tp2-distopt", "fsdp-dp2", "deepspeed-zero3-dp2"])
+    pytest.param(2, ["parallel.engine=fsdp"], id="fsdp-dp2", marks=pytest.mark.extended),
+    pytest.param(2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"], id="deepspeed-zero3-dp2",
+                 marks=pytest.mark.extended),
+])
 def test_torchao_fp8_trains_close_to_bf16(world, overrides, bf16_losses):
     results = run_distributed(_train, world, [*TORCHAO, *overrides])
     for result in results:
