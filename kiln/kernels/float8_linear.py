@@ -27,6 +27,8 @@ GEMM re-gathers it in backward instead).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.tensor_parallel import layers, mappings
 
@@ -86,6 +88,8 @@ def use_float8_linears(layer_spec, recipe: str) -> None:
     column = ModuleSpec(module=Float8ColumnParallelLinear, params={"recipe": recipe})
     row = ModuleSpec(module=Float8RowParallelLinear, params={"recipe": recipe})
     attention = layer_spec.submodules.self_attention.submodules
-    mlp = layer_spec.submodules.mlp.submodules
+    mlp_spec = layer_spec.submodules.mlp
+    # megatron-core 0.19 builds the MLP through a partial of MLP.as_mlp_submodule, 0.16 a ModuleSpec.
+    mlp = mlp_spec.keywords["submodules"] if isinstance(mlp_spec, functools.partial) else mlp_spec.submodules
     attention.linear_qkv, attention.linear_proj = column, row
     mlp.linear_fc1, mlp.linear_fc2 = column, row
