@@ -154,6 +154,21 @@ def _merge(out, lse, block_out, block_lse):
     return out * torch.exp(lse - merged).unsqueeze(-1) + block_out * torch.exp(block_lse - merged).unsqueeze(-1), merged
 
 
+def _walk_ring(kv, q_index, documents, group, peers):
+    """Each step's (key/value block held, its visible parts): the next hop is posted before the
+    caller computes on the block, and awaited when the caller asks for the next step."""
+    rank, size = group.rank(), group.size()
+    for step in range(size):
+        if step < size - 1:
+            incoming, requests = ring_exchange(kv, *peers, group, _KV_TAG)
+        holder = (rank - step) % size
+        yield kv, _sub_blocks(allowed(q_index, local_positions(q_index.numel(), holder, size, q_index.device),
+                                      documents))
+        if step < size - 1:
+            _wait(requests)
+            kv = incoming
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, documents, scale, group):
@@ -164,19 +179,12 @@ class _RingAttention(torch.autograd.Function):
         q_index = local_positions(local, rank, size, q.device)
         out = q.new_zeros(q.shape, dtype=torch.float32)
         lse = torch.full(q.shape[:3], _HIDDEN, device=q.device)  # finite: merging never meets −inf − (−inf)
-        kv = torch.stack([k, v]).contiguous()
-        for step in range(size):
-            if step < size - 1:
-                incoming, requests = ring_exchange(kv, send_to, receive_from, group, _KV_TAG)
-            holder = (rank - step) % size
-            mask = allowed(q_index, local_positions(local, holder, size, q.device), documents)
-            for qs, ks, part in _sub_blocks(mask):
+        for kv, parts in _walk_ring(torch.stack([k, v]).contiguous(), q_index, documents, group,
+                                    (send_to, receive_from)):
+            for qs, ks, part in parts:
                 out[:, :, qs], lse[:, :, qs] = _merge(out[:, :, qs], lse[:, :, qs],
                                                       *_block_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
                                                                       part, scale))
-            if step < size - 1:
-                _wait(requests)
-                kv = incoming
         ctx.save_for_backward(q, k, v, out, lse, documents)
         ctx.scale, ctx.group, ctx.peers = scale, group, (send_to, receive_from)
         return out.to(q.dtype)
@@ -192,12 +200,8 @@ class _RingAttention(torch.autograd.Function):
         grad_q = torch.zeros_like(out)
         kv = torch.stack([k, v]).contiguous()
         grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # travels with its block
-        for step in range(size):
-            if step < size - 1:
-                incoming, kv_requests = ring_exchange(kv, send_to, receive_from, group, _KV_TAG)
-            holder = (rank - step) % size
-            mask = allowed(q_index, local_positions(local, holder, size, q.device), documents)
-            for qs, ks, part in _sub_blocks(mask):
+        for kv, parts in _walk_ring(kv, q_index, documents, group, (send_to, receive_from)):
+            for qs, ks, part in parts:
                 dq, dk, dv = _block_backward(grad_out[:, :, qs], q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
                                              out[:, :, qs], lse[:, :, qs], part, scale)
                 grad_q[:, :, qs] += dq
@@ -206,7 +210,4 @@ class _RingAttention(torch.autograd.Function):
             if size > 1:  # the gradients follow their block one hop
                 grad_kv, grad_requests = ring_exchange(grad_kv, send_to, receive_from, group, _GRAD_TAG)
                 _wait(grad_requests)
-            if step < size - 1:
-                _wait(kv_requests)
-                kv = incoming
         return grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype), None, None, None
