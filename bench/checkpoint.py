@@ -730,10 +730,6 @@ def main() -> None:
                           "train": time.monotonic() - t0, "overlap": trainer.checkpointer.in_flight is not None})
         return out
 
-    def train_step():
-        result = forward_backward(trainer.next_micro_batches())
-        optimizer_step(result)
-
     def timed_after_step():
         before, n_events = trainer.checkpointer.in_flight, len(rec.events)
         t0 = time.monotonic()
@@ -749,7 +745,7 @@ def main() -> None:
     engine.forward_backward, engine.optimizer_step = timed_forward_backward, timed_optimizer_step
     trainer._checkpoint_after_step = timed_after_step
     for _ in range(args.warmup):
-        train_step()
+        trainer.train_step()  # through the timed engine calls above
 
     variants = ["sync", "async"] + (["async+fixes"] if fix_names else [])
     steps_per_run = args.save_every * (args.saves + 2)  # first + measured + the final (blocking) save

@@ -82,8 +82,7 @@ def main() -> None:
                           engine=build_run_engine(config, ctx, vocab), batches=cycle(), callbacks=[])
 
         def step() -> None:  # the body of Trainer.train's loop
-            result = trainer.engine.forward_backward(trainer.next_micro_batches())
-            trainer.engine.optimizer_step(result, skip=trainer.skip_requested(result))
+            trainer.train_step()
         return step
 
     steps = {name: step_function(config) for name, config in configs.items()}

@@ -137,8 +137,7 @@ def main() -> None:
                       engine=build_run_engine(config, ctx, vocab), batches=cycle(), callbacks=[])
 
     def kiln_step() -> None:  # the body of Trainer.train's loop
-        result = trainer.engine.forward_backward(trainer.next_micro_batches())
-        trainer.engine.optimizer_step(result, skip=trainer.skip_requested(result))
+        trainer.train_step()
 
     # kiln's peak memory is read before the plain model exists, so it is kiln's alone; each peak
     # counts from after its model was built, so it is training's, not weight initialisation's.

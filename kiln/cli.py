@@ -6,8 +6,9 @@ Under torchrun (or Slurm's srun with torchrun) it trains on the world it is give
 with ``--nproc-per-node N`` it validates the config, then starts torchrun itself (the elastic
 agent included), so the same command works on a laptop and in a Slurm step.
 
-Exit codes: 0 done; 2 bad config, data or checkpoint (nothing started); 75 stopped by
-SIGTERM/SIGUSR1 after saving a checkpoint (relaunch to continue); anything else: a failure.
+Exit codes: 0 done; 2 bad config, data or checkpoint (nothing started); 3 stopped by the loss
+guard (more bad steps than guard.max_retries; see guard.jsonl); 75 stopped by SIGTERM/SIGUSR1
+after saving a checkpoint (relaunch to continue); anything else: a failure.
 """
 
 from __future__ import annotations
@@ -87,8 +88,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kiln.train import run
     from kiln.trainer.preemption import EXIT_PREEMPTED, TrainingPreempted
 
+    from kiln.trainer.guard import EXIT_GUARD_STOPPED, GuardStop
+
     try:
         run(config)
+    except GuardStop as stop:
+        print(f"kiln: {stop}", file=sys.stderr)
+        return EXIT_GUARD_STOPPED
     except TrainingPreempted as stop:
         if os.environ.get("RANK", "0") == "0":
             marker = {"step": stop.step, "signal": signal.Signals(stop.signum).name,

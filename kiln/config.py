@@ -377,6 +377,38 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class GuardConfig:
+    """The loss-spike and NaN guard (kiln.trainer.guard), on every rank: what counts as a bad step and
+    what happens then. Every event goes to <run_dir>/guard.jsonl, metrics.jsonl and W&B."""
+
+    policy: Literal["skip", "rollback", "off"] | None = None
+    """skip: drop the bad step's update and go on. rollback: reload the newest checkpoint, replay without
+    the bad global batch (quarantined: skipped on every later replay and restart), optionally at a cooled
+    LR. off: no checks. None: skip, or rollback with the deepspeed engine (it cannot drop an update)."""
+    zscore: float = 6.0
+    """A loss or grad norm this many standard deviations above the mean of the last `window` good steps
+    is a spike (non-finite values always are)."""
+    window: int = 100
+    """Good steps the mean and deviation are taken over; spikes are looked for once it is full."""
+    max_retries: int = 5
+    """Bad steps (skips or rollbacks) allowed before `window` good steps have passed; one more stops the run."""
+    lr_cooldown_steps: int = 0
+    """After a rollback, this many steps run at lr_cooldown_factor × the scheduled LR."""
+    lr_cooldown_factor: float = 0.1
+    inject_nan_grad_at: list[int] = field(default_factory=list)
+    """Fire drill: at these steps (the first time each is reached) every rank's gradients get a NaN, so
+    the guard's reaction can be seen on a cluster (like Megatron-LM's error injection)."""
+
+    def __post_init__(self) -> None:
+        _check(self.zscore > 0, f"guard.zscore must be > 0 standard deviations, got {self.zscore}")
+        _check(self.window >= 2, f"guard.window must be >= 2 steps (a deviation needs two), got {self.window}")
+        _check(self.max_retries >= 0, f"guard.max_retries must be >= 0, got {self.max_retries}")
+        _check(self.lr_cooldown_steps >= 0, f"guard.lr_cooldown_steps must be >= 0, got {self.lr_cooldown_steps}")
+        _check(0 < self.lr_cooldown_factor <= 1,
+               f"guard.lr_cooldown_factor must be in (0, 1], got {self.lr_cooldown_factor}")
+
+
+@dataclass(kw_only=True, slots=True)
 class KernelsConfig:
     """Which kernels run the model (kiln.kernels)."""
 
@@ -441,6 +473,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
     """Used when train.precision=fp8."""
@@ -473,6 +506,9 @@ class RunConfig:
 
         engine = engine_class(self.parallel.engine)
         engine.validate(self.parallel, self.optim, self.train)
+        _check(self.guard.policy != "skip" or engine.can_skip_update,
+               f"guard.policy=skip: the {engine.name} engine cannot drop an update once its gradients exist; "
+               f"use guard.policy=rollback (with checkpoint.every > 0) or parallel.engine=megatron")
         for name in ENGINES:
             section = engine_class(name).options_section
             _check(

@@ -58,6 +58,15 @@ def build_run_engine(config: RunConfig, ctx, vocab_size: int):
                         **({"options": options} if options else {}))
 
 
+def build_guard(config: RunConfig, rank: int, run_dir: Path) -> list:
+    """The loss-spike guard, unless guard.policy=off."""
+    from kiln.engine import engine_class
+    from kiln.trainer.guard import LossGuard, resolve_policy
+
+    policy = resolve_policy(config.guard, engine_class(config.parallel.engine))
+    return [] if policy == "off" else [LossGuard(config.guard, policy=policy, rank=rank, run_dir=run_dir)]
+
+
 def report_state_bytes(engine, ctx, run_dir: Path) -> None:
     """Every rank's parameter, gradient and optimizer-state bytes: logged by rank 0 and written to
     <run_dir>/state_bytes.json (collective)."""
@@ -119,6 +128,7 @@ def run(config: RunConfig) -> list[dict]:
             batches=batches,
             callbacks=[*build_callbacks(config.logging, rank=ctx.rank, run_dir=run_dir,
                                         max_steps=config.train.max_steps, run_config=config.to_dict()),
+                       *build_guard(config, ctx.rank, run_dir),
                        *([ScheduledGarbageCollection(config.train.gc_every)] if config.train.gc_every else [])],
             checkpoint_every=config.checkpoint.every, checkpointer=checkpointer, preemption=preemption,
             val_batches=build_val_batches(config.data, config.train, ctx),

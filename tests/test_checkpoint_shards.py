@@ -200,7 +200,7 @@ def _save_and_load_across_engines(rank: int, run_dir: Path) -> dict:
     generator = torch.Generator().manual_seed(rank)
     for _ in range(2):
         batch = [{"tokens": torch.randint(0, 256, (2, 129), generator=generator)}]
-        engine.optimizer_step(engine.forward_backward(batch))
+        engine.optimizer_step(engine.measure_gradients(engine.forward_backward(batch)))
     report["megatron"] = _save_without_collectives(engine, manager)
     saved = manager.latest()
     before = _optimizer_values(engine)
@@ -320,8 +320,8 @@ def _with_fused_adam_stand_in(rank: int, run_dir: Path) -> dict:
     engine, manager = _engine(["optim.distributed_optimizer=true"], ctx, run_dir / "saved")
     generator = torch.Generator().manual_seed(rank)
     for _ in range(2):
-        engine.optimizer_step(engine.forward_backward([{"tokens": torch.randint(0, 256, (2, 129),
-                                                                                generator=generator)}]))
+        batch = [{"tokens": torch.randint(0, 256, (2, 129), generator=generator)}]
+        engine.optimizer_step(engine.measure_gradients(engine.forward_backward(batch)))
     manager.save(2, engine, {"trainer": _Counter()}, blocking=True)
     fresh, fresh_manager = _engine(["optim.distributed_optimizer=true"], ctx, run_dir / "resumed")
     fresh_manager.load(manager.latest(), fresh, {"trainer": _Counter()})

@@ -68,8 +68,25 @@ def test_resume_is_exact_and_elastic(tmp_path):
     resumed.load_state_dict(state)
     got = [sorted(ids(next(resumed)) + ids(next(resumed))) for _ in range(3)]
     assert got == ref_steps[9:12]
-    with pytest.raises(KilnDataError, match="before the first batch"):
-        resumed.load_state_dict(state)
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_rewind_mid_run_replays_the_same_batches(tmp_path, prefetch):
+    """A rollback loads an earlier position into a loader that is mid-epoch (with its read-ahead
+    thread running): the batches from there are those it handed out the first time, across an epoch end."""
+    path = make_dataset(str(tmp_path / "ds"), 30)  # 7 micro-batches of 4 per epoch
+    loader = build_train_loader(path, micro_batch_size=4, seed=7, dp_rank=0, dp_size=1, prefetch=prefetch)
+    try:
+        for _ in range(3):
+            next(loader)
+        saved, position = loader.state_dict(), loader.stream_position()
+        first = [ids(next(loader)) for _ in range(6)]
+        loader.load_state_dict(saved)
+        assert loader.stream_position() == position == (0, 12)
+        assert [ids(next(loader)) for _ in range(6)] == first
+        assert loader.stream_position() == (1, 8)
+    finally:
+        loader.close()
 
 
 def test_read_ahead_changes_neither_order_nor_state(tmp_path):

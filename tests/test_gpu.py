@@ -19,7 +19,7 @@ def test_tiny_trains_on_gpu_in_bf16(tmp_path):
                     "train.log_every=10", "logging.wandb=disabled", cache_dir=tmp_path / "cache")
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert all(math.isfinite(m["loss"]) for m in metrics)
-    assert metrics[-1]["max_memory_gib"] > 0
+    assert metrics[-1]["memory_peak_gib"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -278,14 +278,25 @@ class TrainLoader:
             "shuffle_seed": self.dataset.shuffle_seed,
         }
 
+    def stream_position(self) -> tuple[int, int]:
+        """(epoch, sample_in_epoch) of the next micro-batch: names a global batch on any topology."""
+        return self.epoch, self.batches_in_epoch * self.micro_batch_size * self.dp_size
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._gen is not None:
-            raise KilnDataError("data loader: load_state_dict must be called before the first batch")
+        """Go to a saved position: at start-up, or mid-run for a rollback (the read-ahead is dropped)."""
+        rewind = self._gen is not None
+        if rewind:
+            self.close()
+            self._gen.close()  # ends streaming's iteration of the abandoned epoch
+            self._gen = self._queue = None
+            self._stop = threading.Event()
         g = self.micro_batch_size * self.dp_size
         if state["sample_in_epoch"] % g:
             raise KilnDataError(
                 f"data loader: resuming at sample {state['sample_in_epoch']} of epoch {state['epoch']}, which is not "
                 f"a multiple of micro_batch_size({self.micro_batch_size}) × dp_size({self.dp_size}) = {g}")
+        if rewind:  # streaming takes a saved epoch older than its running one for stale and starts the next
+            self.dataset.next_epoch = int(state["epoch"])
         self.dataset.load_state_dict(dict(state))
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["sample_in_epoch"]) // g

@@ -6,10 +6,13 @@ the LR schedule, forward/backward (pipeline schedules where there are pipelines)
 clipping, evaluation, its per-rank memory report, and its share of a checkpoint. Nothing
 outside ``kiln/engine/`` asks which engine runs.
 
-A step is two calls, so that callbacks can look at the loss before the weights move (a
-loss-spike guard skips the update there): :meth:`Engine.forward_backward` accumulates this
-step's gradients and returns the loss; :meth:`Engine.optimizer_step` applies them, or with
-``skip=True`` drops them and leaves weights, optimizer state and LR schedule untouched.
+A step is three calls, so that callbacks can look at the loss and the gradient norm before the
+weights move (the loss-spike guard skips the update there): :meth:`Engine.forward_backward`
+accumulates this step's gradients and returns the loss; :meth:`Engine.measure_gradients` makes
+them ready for the update and adds their global norm (engines that can only measure it inside
+the update say so with ``grad_norm_before_update = False``); :meth:`Engine.optimizer_step`
+applies them, or with ``skip=True`` drops them and leaves weights, optimizer state and LR
+schedule untouched.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class StepResult:
     """The update was not applied (asked by a callback, or an fp16 overflow)."""
     loss_scale: float | None = None
     """The dynamic loss scale, where the engine has one (fp16)."""
+    compute_s: float | None = None
+    """Seconds this rank worked on the step before its gradient reduction began, i.e. without waiting for
+    slower peers (for the straggler metric); None where the engine cannot tell the two apart."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,13 @@ class Engine(abc.ABC):
     fp8_backends: ClassVar[tuple[str, ...]] = ("torchao",)
     """The fp8.backend choices it trains with (train.precision=fp8). Transformer Engine's FP8 needs
     megatron-core's schedules, which tell its layers when to re-cast their FP8 weights."""
+    grad_norm_before_update: ClassVar[bool] = True
+    """:meth:`measure_gradients` gives the global gradient norm before the update, so an update can
+    be skipped on it; False where the norm is only known after :meth:`optimizer_step` (DeepSpeed)."""
+    can_skip_update: ClassVar[bool] = True
+    """:meth:`optimizer_step` can drop an update (``skip=True``) without touching the optimizer state."""
+    lr_multiplier: float = 1.0
+    """Scales the scheduled learning rate of the next updates (the loss-spike guard's cool-down)."""
 
     def __init__(self, *, model: ModelConfig, optim: OptimConfig, parallel: ParallelConfig, train: TrainConfig,
                  ctx) -> None:
@@ -104,9 +117,22 @@ class Engine(abc.ABC):
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """Accumulate the gradients of one global batch's share on this rank; returns its loss."""
 
+    def measure_gradients(self, result: StepResult) -> StepResult:
+        """Finish this step's gradients and set ``result.grad_norm`` to their global norm (the same on
+        every rank); an fp16 overflow sets ``result.skipped``. The default measures nothing."""
+        return result
+
     @abc.abstractmethod
     def optimizer_step(self, result: StepResult, *, skip: bool = False) -> StepResult:
-        """Clip, step the optimizer and the LR schedule, zero the gradients; or drop them if ``skip``."""
+        """Clip (by ``result.grad_norm``), step the optimizer and the LR schedule, zero the gradients;
+        or drop them if ``skip``."""
+
+    def advance_lr_schedule(self) -> None:
+        """Step the LR schedule to this update's learning rate, scaled by :attr:`lr_multiplier`."""
+        self.scheduler.step(increment=1)  # the LR of step k is schedule(k), in every engine
+        if self.lr_multiplier != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.lr_multiplier
 
     @abc.abstractmethod
     def eval_losses(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:

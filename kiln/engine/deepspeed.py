@@ -170,6 +170,8 @@ class DeepSpeedEngine(Engine):
     """One rank's DeepSpeed engine around the megatron-core model."""
 
     name = "deepspeed"
+    grad_norm_before_update = False  # DeepSpeed computes it inside engine.step(), with the update
+    can_skip_update = False  # engine.step() is the only way through a gradient-accumulation boundary
     checkpoint_format = "portable"
     reads_formats = ("megatron",)
     options_section = "deepspeed"
@@ -280,7 +282,7 @@ class DeepSpeedEngine(Engine):
 
             raise KilnError("the deepspeed engine cannot skip an update (DeepSpeed applies it inside engine.step); "
                             "use parallel.engine=megatron or fsdp with a callback that skips steps")
-        self.scheduler.step(increment=1)  # the LR of step k is schedule(k), as in the megatron engine
+        self.advance_lr_schedule()
         self.engine.step()
         if not self.engine.was_step_applied():
             # fp16 overflow: DeepSpeed skipped the update and lowered the loss scale; the

@@ -157,12 +157,16 @@ class FSDPEngine(Engine):
         (total,) = collectives.reduce_floats([over_dp], group=self.tp_group)
         return total ** 0.5
 
+    def measure_gradients(self, result: StepResult) -> StepResult:
+        result.grad_norm = self.grad_norm()
+        return result
+
     def optimizer_step(self, result: StepResult, *, skip: bool = False) -> StepResult:
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             result.skipped = True
             return result
-        norm = self.grad_norm()
+        norm = result.grad_norm
         clip = self.optim_config.grad_clip
         if clip > 0 and norm > 0:
             coeff = clip / (norm + 1e-6)  # megatron-core's clip coefficient
@@ -171,10 +175,9 @@ class FSDPEngine(Engine):
                     for param in self.module.parameters():
                         if param.grad is not None:
                             param.grad.mul_(coeff)
-        self.scheduler.step(increment=1)  # the LR of step k is schedule(k), as in the megatron engine
+        self.advance_lr_schedule()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        result.grad_norm = norm
         return result
 
     def eval_losses(self, micro_batches) -> list[float]:

@@ -11,6 +11,7 @@ megatron-core's global groups.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import torch
@@ -104,7 +105,8 @@ class MegatronEngine(Engine):
         self.scheduler = build_lr_scheduler(o, self.train_config.max_steps, self.optimizer)
         # How the schedules finish a step's gradients: all-reduce over dp (and the tied embedding
         # over first/last stage), with the loss scale applied by the optimizer.
-        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.finalize_model_grads_func = functools.partial(self._reduce_gradients, finalize_model_grads)
+        self._reduction_start = 0.0
         tconfig.grad_scale_func = self.optimizer.scale_loss
         layout = ctx.layout
         self._hand_communication_to_the_schedule(tconfig, ddp_config, layout.pp)
@@ -162,21 +164,40 @@ class MegatronEngine(Engine):
             **self._schedule_groups,
         )
 
+    def _reduce_gradients(self, finalize_model_grads, *args, **kwargs):
+        self._reduction_start = time.perf_counter()  # this rank's own work ends here; waiting for peers begins
+        return finalize_model_grads(*args, **kwargs)
+
     def forward_backward(self, micro_batches) -> StepResult:
+        start = time.perf_counter()
         for model in self.models:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = [d["lm loss"] for d in self._schedule(**self._schedule_args(micro_batches, forward_only=False))]
         # One device-to-host copy per step, not one per micro-batch (each would wait for the GPU).
-        return StepResult(loss=float(torch.stack(losses).mean()) if losses else None)  # only the last stage has losses
+        loss = float(torch.stack(losses).mean()) if losses else None  # only the last stage has losses
+        return StepResult(loss=loss, compute_s=self._reduction_start - start)
+
+    def measure_gradients(self, result: StepResult) -> StepResult:
+        # megatron-core's optimizer.step() in two halves: this one (grads to the fp32 masters, the
+        # global norm), then optimizer_step's (clip by that norm, step). No fp16 here (no overflow check).
+        self.optimizer.prepare_grads()
+        result.grad_norm = float(self.optimizer.get_grad_norm())
+        return result
 
     def optimizer_step(self, result: StepResult, *, skip: bool = False) -> StepResult:
         if skip:  # gradients are dropped at the next forward_backward (zero_grad_buffer)
             result.skipped = True
             return result
-        self.scheduler.step(increment=1)  # the LR of step k is schedule(k)
-        _, grad_norm, _ = self.optimizer.step()
-        result.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        self.advance_lr_schedule()
+        for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = inner.get_parameters()
+            if inner.config.clip_grad > 0.0 and params:
+                clip_grad_by_total_norm_fp32(params, inner.config.clip_grad, result.grad_norm,
+                                             inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.optimizer.step_with_ready_grads()
         return result
 
     def eval_losses(self, micro_batches) -> list[float]:

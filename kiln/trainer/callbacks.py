@@ -9,13 +9,18 @@ Hooks, in the order a step calls them:
 
 * ``on_train_start(trainer)``: after a resume, before the first step;
 * ``on_step_start(trainer)``;
-* ``skip_update(trainer, result) -> bool``: the gradients are ready, the weights have not moved;
+* ``after_backward(trainer, result)``: the gradients are accumulated and reduced, not yet measured;
+* ``skip_update(trainer, result) -> bool``: the gradients are ready and measured (``result.grad_norm``,
+  where the engine's ``grad_norm_before_update``), the weights have not moved;
   any callback answering True makes the engine drop this step's update. A callback that decides
   from the loss must decide the same on every rank: ``trainer.global_loss(result)`` is the same
   everywhere (it is a collective, so call it on every rank);
 * ``on_step_end(trainer, result)``: the update is applied (or skipped); ``trainer.request_rollback()``
   here makes the trainer reload the newest checkpoint before the next step;
+* ``on_rollback(trainer)``: a rollback has reloaded the newest checkpoint (``trainer.state.step`` is its
+  step; the steps after it run again);
 * ``on_log(trainer, metrics)``: on logged steps, the same metrics dict on every rank;
+* ``on_event(trainer, event)``: a callback reported an event (``trainer.emit_event``; the guard's);
 * ``on_checkpoint_saved(trainer, step)``: a checkpoint of ``step`` is published;
 * ``close()``.
 """
@@ -38,13 +43,22 @@ class Callback:
     def on_step_start(self, trainer) -> None:
         pass
 
+    def after_backward(self, trainer, result) -> None:
+        pass
+
     def skip_update(self, trainer, result) -> bool:
         return False
 
     def on_step_end(self, trainer, result) -> None:
         pass
 
+    def on_rollback(self, trainer) -> None:
+        pass
+
     def on_log(self, trainer, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_event(self, trainer, event: dict[str, Any]) -> None:
         pass
 
     def on_checkpoint_saved(self, trainer, step: int) -> None:
@@ -67,7 +81,9 @@ class ConsoleLogger(Callback):
             f"step {m['step']:>{self.width}} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
             f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | {m['step_time_s'] * 1000:.0f} ms"
             + (f" | MFU {m['mfu'] * 100:.1f}%" if m.get("mfu") is not None else "")
-            + (f" | data wait {m['data_wait_frac'] * 100:.1f}%" if m.get("data_wait_frac") is not None else "")
+            + (f" | data wait {m['time_data_wait_s'] / m['step_time_s'] * 100:.1f}%" if m.get("time_data_wait_s") else "")
+            + (f" | rank {m['slowest_rank']} {m['step_time_spread']:.2f}× median" if m.get("step_time_spread", 1) > 1.2
+               else "")
             + (f" | skipped {m['skipped_steps']}" if m.get("skipped_steps") else "")
             + (f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
         )
@@ -75,8 +91,8 @@ class ConsoleLogger(Callback):
 
 class JsonlLogger(Callback):
     """One JSON object per logged step in ``metrics.jsonl``, appended and flushed (a crash loses
-    nothing logged), on rank 0. On resume, records past the checkpoint are dropped: those steps
-    are run again."""
+    nothing logged), on rank 0; events (``trainer.emit_event``) are records too. On resume and
+    rollback, step records past the checkpoint are dropped (those steps run again); events stay."""
 
     def __init__(self, rank: int, path: Path) -> None:
         self.rank, self.path = rank, path
@@ -88,20 +104,33 @@ class JsonlLogger(Callback):
         keep_records_through(self.path, trainer.state.step)
         self.file = open(self.path, "a", buffering=1)
 
+    def on_rollback(self, trainer) -> None:
+        self.close()
+        self.on_train_start(trainer)
+
     def on_log(self, trainer, m: dict[str, Any]) -> None:
         if self.file is not None:
             self.file.write(json.dumps(m) + "\n")
 
+    on_event = on_log
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
+
+
+def is_event(record: dict[str, Any]) -> bool:
+    """An event record carries its step and one nested mapping (``{"step": 7, "guard": {...}}``)."""
+    return any(isinstance(value, dict) for value in record.values())
 
 
 def keep_records_through(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records past ``step`` (written atomically)."""
+    """Drop metrics.jsonl step records past ``step``, keep every event (written atomically)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line, record in records if record["step"] <= step or is_event(record)]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
