@@ -381,10 +381,10 @@ class GuardConfig:
     """The loss-spike and NaN guard (kiln.trainer.guard), on every rank: what counts as a bad step and
     what happens then. Every event goes to <run_dir>/guard.jsonl, metrics.jsonl and W&B."""
 
-    policy: Literal["skip", "rollback", "off"] | None = None
+    policy: Literal["skip", "rollback", "disabled"] | None = None
     """skip: drop the bad step's update and go on. rollback: reload the newest checkpoint, replay without
     the bad global batch (quarantined: skipped on every later replay and restart), optionally at a cooled
-    LR. off: no checks. None: skip, or rollback with the deepspeed engine (it cannot drop an update)."""
+    LR. disabled: no checks. None: skip, or rollback with the deepspeed engine (it cannot drop an update)."""
     zscore: float = 6.0
     """A loss or grad norm this many standard deviations above the mean of the last `window` good steps
     is a spike (non-finite values always are)."""

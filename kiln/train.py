@@ -59,12 +59,12 @@ def build_run_engine(config: RunConfig, ctx, vocab_size: int):
 
 
 def build_guard(config: RunConfig, rank: int, run_dir: Path) -> list:
-    """The loss-spike guard, unless guard.policy=off."""
+    """The loss-spike guard, unless guard.policy=disabled."""
     from kiln.engine import engine_class
     from kiln.trainer.guard import LossGuard, resolve_policy
 
     policy = resolve_policy(config.guard, engine_class(config.parallel.engine))
-    return [] if policy == "off" else [LossGuard(config.guard, policy=policy, rank=rank, run_dir=run_dir)]
+    return [] if policy == "disabled" else [LossGuard(config.guard, policy=policy, rank=rank, run_dir=run_dir)]
 
 
 def report_state_bytes(engine, ctx, run_dir: Path) -> None:
