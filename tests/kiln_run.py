@@ -52,12 +52,24 @@ def kiln(*args: str, cache_dir: Path | None = None, timeout: int = 600, check: b
 def train(run_dir: Path, nproc: int, *overrides: str, cache_dir: Path, config: str = TINY) -> list[dict]:
     """Train with `kiln train --nproc-per-node N` and return the metrics.jsonl records."""
     kiln("train", config, "--nproc-per-node", str(nproc), f"train.run_dir={run_dir}", *overrides, cache_dir=cache_dir)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return read_metrics(run_dir)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The step records of metrics.jsonl (without events such as the guard's)."""
+    from kiln.trainer.callbacks import is_event
+
+    return [record for record in _records(run_dir) if not is_event(record)]
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    from kiln.trainer.callbacks import is_event
+
+    return [record for record in _records(run_dir) if is_event(record)]
 
 
 def start_kiln(*args: str, cache_dir: Path) -> subprocess.Popen:
