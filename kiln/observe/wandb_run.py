@@ -140,9 +140,25 @@ def _init(mode: str, logging_config, run_dir: Path, run_id: str, run_config: dic
         # No console capture (kiln logs its own lines) and no system stats: metrics.jsonl is the history.
         settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=INIT_TIMEOUT_S),
     )
-    if mode == "offline":
-        return run, earlier_offline
-    return run, server_last_step(run)
+    log.info(f"W&B {mode}: {Path(run.dir).parent}" + (" (upload it with `wandb sync`)" if mode == "offline" else ""))
+    return ServiceClosingRun(run), (earlier_offline if mode == "offline" else server_last_step(run))
+
+
+class ServiceClosingRun:
+    """A W&B run whose ``finish`` also shuts W&B's service down: ``run.finish()`` returns before the
+    service has written the last rows of the transaction log, which a new launch reads for catch-up."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def log(self, row: dict, step: int) -> None:
+        self.run.log(row, step=step)
+
+    def finish(self) -> None:
+        import wandb
+
+        self.run.finish()
+        wandb.teardown()
 
 
 def server_last_step(run) -> int | None:

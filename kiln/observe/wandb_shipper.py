@@ -113,6 +113,12 @@ class WandbShipper:
             log.warning(f"W&B: the final upload did not end within {timeout_s:.0f} s; leaving it "
                         f"(the next launch, or `wandb sync`, ships the rest)")
 
+    def ship_new_records(self, run, ledger: StepLedger) -> None:
+        for record in self.tail.new_records():
+            step = record.get("step")
+            if isinstance(step, int) and (row := ledger.admit(step, wandb_row(record))):
+                run.log(row, step=step)
+
     def _ship_until_stopped(self) -> None:
         try:
             run, shipped_through = self.open_run()
@@ -124,9 +130,7 @@ class WandbShipper:
         try:
             while True:
                 last_pass = self.stop_requested.is_set()  # set before this read: the writers are done
-                for record in self.tail.new_records():
-                    if isinstance(record.get("step"), int) and (row := ledger.admit(record["step"], wandb_row(record))):
-                        run.log(row, step=record["step"])
+                self.ship_new_records(run, ledger)
                 if last_pass:
                     break
                 self.stop_requested.wait(self.poll_s)
