@@ -139,6 +139,10 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # Share the cores between workers instead of letting each spawn a thread per core.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    from kiln.observe.wandb_shipper import SHIPPED_BY_LAUNCHER, launcher_shipper
+
+    env[SHIPPED_BY_LAUNCHER] = "1"  # this process outlives the workers: it ships metrics.jsonl to W&B
+    shipper = launcher_shipper(config)  # None on all nodes but the first
     agent = subprocess.Popen(command, env=env)
     def forward(signum, frame):
         agent.send_signal(signum)  # the agent passes it to the workers and waits for their save
@@ -149,6 +153,8 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if shipper is not None:
+            shipper.stop()  # the workers are gone: ship the rest of metrics.jsonl, finish the W&B run
     marker = Path(config.train.run_dir) / PREEMPTED_MARKER
     if code != 0 and marker.exists():
         try:

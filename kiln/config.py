@@ -369,11 +369,26 @@ class LoggingConfig:
     """Where metrics go besides the console and metrics.jsonl."""
 
     wandb: Literal["offline", "online", "disabled"] = "offline"
-    """W&B mode; offline writes a run under <run_dir>/wandb that `wandb sync` uploads later."""
+    """W&B mode; offline writes a run under <run_dir>/wandb that `wandb sync` uploads later; online falls
+    back to offline (one warning) without an API key or a reachable server. The launcher (or rank 0 when
+    there is none) ships metrics.jsonl to W&B, so a killed worker loses no W&B history (kiln.observe)."""
     wandb_project: str = "kiln"
     wandb_entity: str | None = None
+    wandb_name: str | None = None
+    """Display name of the W&B run; None means the run directory's name."""
+    wandb_group: str | None = None
+    """W&B group, to show related runs (a sweep, the seeds of one setting) together."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags, e.g. [baseline, 8b]."""
+    wandb_notes: str | None = None
+    """Free-text description shown with the W&B run."""
     all_ranks: bool = False
     """Every rank logs to <run_dir>/logs/rank<N>.log; rank 0 always prints to the console."""
+
+    def __post_init__(self) -> None:
+        too_long = [tag for tag in self.wandb_tags if not 1 <= len(tag) <= 64]
+        _check(not too_long, f"logging.wandb_tags: W&B takes tags of 1 to 64 characters, got {too_long}; "
+                             f"shorten or drop them")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -2,8 +2,8 @@
 
 Every hook is called on every rank, in the same order; a callback decides itself whether it
 acts on rank 0 only (the console, metrics.jsonl and W&B sinks do) or everywhere (a loss-spike
-guard must: every rank has to skip the same update). A callback with state (the W&B run id)
-exposes ``state_dict``/``load_state_dict`` and is saved in every checkpoint.
+guard must: every rank has to skip the same update). A callback with state exposes
+``state_dict``/``load_state_dict`` and is saved in every checkpoint.
 
 Hooks, in the order a step calls them:
 
@@ -136,62 +136,11 @@ def keep_records_through(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def new_wandb_run_id() -> str:
-    import secrets
-    import string
-
-    alphabet = string.ascii_lowercase + string.digits  # the alphabet of W&B's own run ids
-    return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-class WandbLogger(Callback):
-    """W&B run in the run directory, on rank 0; offline mode needs no network and no API key.
-
-    Its run id is checkpointed, so a resumed run continues the same W&B run.
-    """
-
-    def __init__(self, rank: int, *, mode: str, project: str, entity: str | None, name: str, run_dir: Path,
-                 config: dict) -> None:
-        self.rank, self.mode, self.project, self.entity = rank, mode, project, entity
-        self.name, self.run_dir, self.config = name, run_dir, config
-        self.run_id = new_wandb_run_id()
-        self.run = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run_id = state.get("run_id") or self.run_id
-
-    def on_train_start(self, trainer) -> None:
-        if self.rank != 0:
-            return
-        import wandb
-
-        os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(
-            mode=self.mode, project=self.project, entity=self.entity, name=self.name, dir=str(self.run_dir),
-            config=self.config, id=self.run_id, resume="allow",
-            settings=wandb.Settings(console="off", x_disable_stats=True),
-        )
-        log.info(f"W&B {self.mode}: {Path(self.run.dir).parent}"
-                 + (" (upload later with `wandb sync`)" if self.mode == "offline" else ""))
-
-    def on_log(self, trainer, m: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.log({(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"): v
-                          for k, v in m.items() if k != "step"}, step=m["step"])
-
-    def close(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-
-
 def build_callbacks(logging_config, *, rank: int, run_dir: Path, max_steps: int, run_config: dict) -> list[Callback]:
     """The metric sinks of ``logging:``; every rank gets them (each acts on rank 0 only)."""
     callbacks: list[Callback] = [ConsoleLogger(rank, max_steps), JsonlLogger(rank, run_dir / "metrics.jsonl")]
-    if logging_config.wandb != "disabled":
-        callbacks.append(WandbLogger(rank, mode=logging_config.wandb, project=logging_config.wandb_project,
-                                     entity=logging_config.wandb_entity, name=run_dir.name, run_dir=run_dir,
-                                     config=run_config))
+    from kiln.observe.wandb_shipper import RankZeroWandbShipper, shipped_by_launcher
+
+    if logging_config.wandb != "disabled" and not shipped_by_launcher():  # else the launcher ships metrics.jsonl
+        callbacks.append(RankZeroWandbShipper(rank, logging_config, run_dir, run_config))
     return callbacks

@@ -1,0 +1,1 @@
+"""What leaves the trainer for dashboards: metrics.jsonl shipped to W&B (``wandb_shipper``)."""
