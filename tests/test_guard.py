@@ -12,6 +12,7 @@ import torch
 
 from kiln.config import GuardConfig, config_from_dict
 from kiln.errors import KilnConfigError
+from kiln.observe.wandb_records import history_rows, transaction_logs
 from kiln.trainer.guard import EXIT_GUARD_STOPPED, LossGuard, resolve_policy
 from kiln.trainer.loop import Quarantine
 from tests.distributed import run_distributed
@@ -163,7 +164,7 @@ def without_the_bad_batch(datasets, tmp_path_factory) -> list[dict]:
 def test_rollback_replays_as_if_the_bad_batch_was_never_there(fault, datasets, without_the_bad_batch, tmp_path):
     run_dir = tmp_path / "run"
     if fault == "planted batch":
-        metrics = _train(run_dir, datasets, "planted")
+        metrics = _train(run_dir, datasets, "planted", "logging.wandb=offline")
     else:
         metrics = _train(run_dir, datasets, "clean", "guard.inject_nan_grad_at=[18]")
     # Bitwise the losses and gradient norms of the run whose data never held that batch, every step.
@@ -176,6 +177,13 @@ def test_rollback_replays_as_if_the_bad_batch_was_never_there(fault, datasets, w
     assert event["guard"].items() >= {**expected, "action": "rollback", "batch": [0, BAD_BATCH * GLOBAL_BATCH],
                                       "batch_index": BAD_BATCH}.items()
     assert read_events(run_dir) == [json.loads(json.dumps(event))]  # metrics.jsonl holds it too, once
+    if fault == "planted batch":  # and W&B: the event and the replayed step merge into one row
+        (log,) = transaction_logs(run_dir / "wandb", (run_dir / "wandb" / "run_id").read_text().strip())
+        rows = list(history_rows(log))
+        assert [step for step, _ in rows] == list(range(1, 25))
+        row = dict(rows)[BAD_BATCH + 1]
+        assert json.loads(row["guard/kind"]) == "spike" and json.loads(row["guard/action"]) == "rollback"
+        assert json.loads(row["train/loss"]) == metrics[BAD_BATCH]["loss"]
     # The quarantine went into the checkpoints written after the rollback, so a restart passes the batch too.
     final = json.loads((run_dir / "checkpoints" / "step_000024" / "kiln.json").read_text())
     assert final["parts"]["quarantine"] == {"positions": [[0, BAD_BATCH * GLOBAL_BATCH]]}

@@ -129,8 +129,14 @@ def keep_records_through(path: Path, step: int) -> None:
     """Drop metrics.jsonl step records past ``step``, keep every event (written atomically)."""
     if not path.exists():
         return
-    records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line, record in records if record["step"] <= step or is_event(record)]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the torn last line of a killed writer: that step runs again anyway
+            continue
+        if record["step"] <= step or is_event(record):
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
