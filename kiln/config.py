@@ -377,6 +377,27 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class WatchdogConfig:
+    """Hang detection (kiln.trainer.watchdog): a rank whose step overruns its allowance writes every
+    thread's Python stack (and on GPUs NCCL's flight recorder) to <run_dir>/logs and exits 124.
+    A hung rank stalls its peers in their next collective, so each rank's watchdog fires and dumps its
+    own stacks. Keep the allowances under the process group's 10-minute collective timeout, or NCCL
+    (gloo) aborts the stalled ranks first, without Python stacks."""
+
+    timeout_s: float = 300.0
+    """Allowance of one training step (forward, backward, optimizer step); 0 turns the watchdog off."""
+    first_step_timeout_s: float = 1800.0
+    """Allowance of the first step after a start or resume (compilation, data loader start); 0: unwatched."""
+    between_steps_timeout_s: float = 1800.0
+    """Allowance of the loop's work after a step: logging, evaluation, checkpoint saves; 0: unwatched."""
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "first_step_timeout_s", "between_steps_timeout_s"):
+            _check(getattr(self, name) >= 0, f"watchdog.{name} must be >= 0 seconds (0: unwatched), "
+                   f"got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True, slots=True)
 class KernelsConfig:
     """Which kernels run the model (kiln.kernels)."""
 
@@ -441,6 +462,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
     """Used when train.precision=fp8."""
