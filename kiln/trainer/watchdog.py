@@ -137,10 +137,22 @@ class _PeerAlarm:
         self.world_size = world_size
         self._ringer, self._listener = store.clone(), store.clone()  # one client per thread
         self._on_ring = on_ring
-        threading.Thread(target=self._listen, name="kiln-hang-watchdog-peers", daemon=True).start()
+        self._thread = threading.Thread(target=self._listen, name="kiln-hang-watchdog-peers", daemon=True)
+        self._thread.start()
 
     def ring(self, message: dict) -> None:
-        self._ringer.set(self.fired_key, json.dumps(message))
+        self._ringer.compare_set(self.fired_key, "", json.dumps(message))  # the first message stands
+
+    def close(self) -> None:
+        """End the listener: a thread still inside the store's C++ client when the interpreter
+        exits aborts the process. A rank that is done rings "done", which every listener takes
+        as the end (the run is over, or going down with this rank); a hang's alarm, if it came
+        first, stands."""
+        try:
+            self.ring({"done": True})
+        except Exception:  # noqa: BLE001 - the store's rank exited: the listener has returned
+            pass
+        self._thread.join(timeout=5)
 
     def wait_for_all_dumps(self, timeout_s: float) -> None:
         """Count this rank's dump in, then wait until every rank's is (a stopped rank's never is)."""
@@ -161,7 +173,8 @@ class _PeerAlarm:
             message = json.loads(self._listener.get(self.fired_key))
         except Exception:  # noqa: BLE001 - the store closed: the run ended
             return
-        self._on_ring(message)
+        if not message.get("done"):
+            self._on_ring(message)
 
 
 class HangWatchdog(Callback):
@@ -205,13 +218,15 @@ class HangWatchdog(Callback):
                   f"the work after step {trainer.state.step} (logging, evaluation, checkpoint save)")
 
     def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.close()
+        if self._peers is not None:
+            self._peers.close()
         if self._fired.locked():
             # A peer's exit broke this rank's collective while the watchdog writes this rank's
             # dump: let it finish; it ends the process (exit 124).
             threading.Event().wait()
         faulthandler.cancel_dump_traceback_later()
-        if self._deadline is not None:
-            self._deadline.close()
         if self._stack_file is not None:
             self._stack_file.close()
             if self.stacks.stat().st_size == 0:  # nothing hung: leave no empty dump behind
