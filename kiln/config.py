@@ -374,6 +374,9 @@ class LoggingConfig:
     wandb_entity: str | None = None
     all_ranks: bool = False
     """Every rank logs to <run_dir>/logs/rank<N>.log; rank 0 always prints to the console."""
+    progress: Literal["auto", "bar", "plain"] = "auto"
+    """Rank 0's console: bar keeps a live progress line (step/max_steps, loss, tokens/s, ETA) under the
+    log lines; plain prints the log lines only; auto is bar on a terminal outside Slurm, else plain."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -160,7 +160,10 @@ class WandbLogger(Callback):
 
 def build_callbacks(logging_config, *, rank: int, run_dir: Path, max_steps: int, run_config: dict) -> list[Callback]:
     """The metric sinks of ``logging:``; every rank gets them (each acts on rank 0 only)."""
-    callbacks: list[Callback] = [ConsoleLogger(rank, max_steps), JsonlLogger(rank, run_dir / "metrics.jsonl")]
+    from kiln.trainer.progress import progress_callbacks
+
+    callbacks: list[Callback] = [ConsoleLogger(rank, max_steps), JsonlLogger(rank, run_dir / "metrics.jsonl"),
+                                 *progress_callbacks(logging_config.progress, rank=rank, max_steps=max_steps)]
     if logging_config.wandb != "disabled":
         callbacks.append(WandbLogger(rank, mode=logging_config.wandb, project=logging_config.wandb_project,
                                      entity=logging_config.wandb_entity, name=run_dir.name, run_dir=run_dir,
