@@ -381,11 +381,10 @@ class LoggingConfig:
 
 @dataclass(kw_only=True, slots=True)
 class WatchdogConfig:
-    """Hang detection (kiln.trainer.watchdog): a rank whose step overruns its allowance writes every
-    thread's Python stack (and on GPUs NCCL's flight recorder) to <run_dir>/logs and exits 124.
-    A hung rank stalls its peers in their next collective, so each rank's watchdog fires and dumps its
-    own stacks. Keep the allowances under the process group's 10-minute collective timeout, or NCCL
-    (gloo) aborts the stalled ranks first, without Python stacks."""
+    """Hang detection (kiln.trainer.watchdog): when a step overruns its allowance on any rank, every
+    rank writes its threads' Python stacks (and on GPUs NCCL's flight recorder) to <run_dir>/logs and
+    exits 124. A collective that waits 10 minutes (the process group's timeout) is aborted by NCCL
+    or gloo first, with NCCL's flight recorder but no Python stacks: the step allowance is below it."""
 
     timeout_s: float = 300.0
     """Allowance of one training step (forward, backward, optimizer step); 0 turns the watchdog off."""

@@ -100,7 +100,7 @@ def test_worker_environment(monkeypatch):
 
     for name in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
-    recorder = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    recorder = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
     assert env("parallel.tp=2", "train.device=cuda") == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", **recorder}
     assert env("train.device=auto") == recorder  # dp only: FSDP/DDP overlap wants several hardware queues
     assert env("parallel.tp=2", "train.device=cpu") == {"CUDA_VISIBLE_DEVICES": ""}  # no NCCL, no recorder

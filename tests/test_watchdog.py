@@ -83,16 +83,16 @@ class _FakeTrainer:
         self.state = SimpleNamespace(step=0)
 
 
-def _watchdog(tmp_path: Path, device_type: str = "cpu") -> HangWatchdog:
+def _watchdog(tmp_path: Path, device_type: str = "cpu", rank: int = 3) -> HangWatchdog:
     config = config_from_dict({}, list(ALLOWANCES)).watchdog
-    return HangWatchdog(config, rank=3, run_dir=tmp_path, device_type=device_type)
+    return HangWatchdog(config, rank=rank, run_dir=tmp_path, device_type=device_type)
 
 
 def test_steps_within_their_allowance_leave_no_dump_and_clear_an_old_marker(tmp_path):
     (tmp_path / HUNG_MARKER).write_text("{}")  # an earlier attempt's
-    trainer, dog = _FakeTrainer(), _watchdog(tmp_path)
-    dog.rank = 0
+    trainer, dog = _FakeTrainer(), _watchdog(tmp_path, rank=0)
     dog.on_train_start(trainer)
+    assert (tmp_path / "logs" / "stacks-rank0.txt").exists()  # open from the start, for faulthandler's thread
     for _ in range(3):
         dog.on_step_start(trainer)
         trainer.state.step += 1
@@ -146,8 +146,9 @@ def test_flight_recorder_is_written_beside_the_stacks_unless_the_user_chose(tmp_
     env = watchdog.flight_recorder_environment(str(tmp_path))
     assert env["TORCH_FR_DUMP_TEMP_FILE"] == env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == f"{tmp_path}/logs/nccl-trace-rank"
     assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] != "0" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
-    monkeypatch.setenv("TORCH_FR_DUMP_TEMP_FILE", "/scratch/fr-")
-    assert "TORCH_FR_DUMP_TEMP_FILE" not in watchdog.flight_recorder_environment(str(tmp_path))
+    monkeypatch.setenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "/scratch/fr-")  # the user's, under the older name
+    env = watchdog.flight_recorder_environment(str(tmp_path))
+    assert "TORCH_FR_DUMP_TEMP_FILE" not in env and "TORCH_NCCL_DEBUG_INFO_TEMP_FILE" not in env
 
 
 def test_bad_allowance_names_the_setting():

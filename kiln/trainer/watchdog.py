@@ -60,13 +60,15 @@ def nccl_trace_prefix(run_dir: Path | str) -> str:
 def flight_recorder_environment(run_dir: str | None) -> dict[str, str]:
     """Environment that makes NCCL keep its flight recorder and write it when a collective times
     out (torch's own NCCL watchdog), beside the stacks; variables already set are the user's."""
-    env = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    # torch renamed two of them (TORCH_FR_*): both names are set, and a setting under either is the user's.
+    settings = {("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE"): "2000", ("TORCH_NCCL_DUMP_ON_TIMEOUT",): "1"}
     if run_dir:
-        # Both names: torch renamed the variable (TORCH_FR_DUMP_TEMP_FILE is the newer one).
-        env["TORCH_FR_DUMP_TEMP_FILE"] = env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = nccl_trace_prefix(run_dir)
-    if "TORCH_FR_BUFFER_SIZE" in os.environ:  # the newer name of the buffer size, set by the user
-        env.pop("TORCH_NCCL_TRACE_BUFFER_SIZE")
-    return {key: value for key, value in env.items() if key not in os.environ}
+        settings["TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"] = nccl_trace_prefix(run_dir)
+    env: dict[str, str] = {}
+    for names, value in settings.items():
+        if not any(name in os.environ for name in names):
+            env.update(dict.fromkeys(names, value))
+    return env
 
 
 class _Deadline:
