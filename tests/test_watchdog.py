@@ -26,7 +26,7 @@ from tests.kiln_run import TINY, read_metrics, start_kiln, worker_pid
 ALLOWANCES = ("watchdog.timeout_s=10", "watchdog.between_steps_timeout_s=10", "watchdog.first_step_timeout_s=300")
 # Rank 0 waits for the sleeper between steps, where its own deadline is far: only the sleeper's
 # alarm can make it dump in time.
-ONLY_STEPS_SHORT = ("watchdog.timeout_s=10", "watchdog.between_steps_timeout_s=600",
+ONLY_STEPS_SHORT = ("watchdog.timeout_s=5", "watchdog.between_steps_timeout_s=600",
                     "watchdog.first_step_timeout_s=300")
 
 
@@ -69,10 +69,10 @@ def test_a_rank_asleep_inside_a_step_dumps_every_ranks_stacks_and_exits_124(tmp_
     codes = exit_codes_of_ranks(_train_with_rank_1_asleep_in_step_2, 2, run_dir, timeout_s=240)
     assert codes == [EXIT_HUNG, EXIT_HUNG]
     asleep, waiting = (run_dir / "logs" / "stacks-rank1.txt").read_text(), (run_dir / "logs" / "stacks-rank0.txt").read_text()
-    assert "rank 1" in asleep and "step 2 took longer than 10s" in asleep and "in sleep_inside_the_step" in asleep
+    assert "rank 1" in asleep and "step 2 took longer than 5s" in asleep and "in sleep_inside_the_step" in asleep
     # Rank 0 finished step 2 and waits in the collective of its log line: rank 1's alarm made it dump
     # its own stack (its deadline was minutes away).
-    assert "rank 0" in waiting and "rank 1's step 2 took longer than 10s" in waiting and "in train" in waiting
+    assert "rank 0" in waiting and "rank 1's step 2 took longer than 5s" in waiting and "in train" in waiting
     assert "sleep_inside_the_step" not in waiting
     assert json.loads((run_dir / HUNG_MARKER).read_text())["rank"] in (0, 1)
 

@@ -159,7 +159,8 @@ class WandbLogger(Callback):
 
 
 def build_callbacks(logging_config, *, rank: int, run_dir: Path, max_steps: int, run_config: dict) -> list[Callback]:
-    """The metric sinks of ``logging:``; every rank gets them (each acts on rank 0 only)."""
+    """The metric sinks of ``logging:``; every rank gets them (each acts on rank 0 only), but the
+    progress line (no collectives in it), which only rank 0 gets, on a terminal."""
     from kiln.trainer.progress import progress_callbacks
 
     callbacks: list[Callback] = [ConsoleLogger(rank, max_steps), JsonlLogger(rank, run_dir / "metrics.jsonl"),
