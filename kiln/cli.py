@@ -8,7 +8,8 @@ agent included), so the same command works on a laptop and in a Slurm step.
 
 Exit codes: 0 done; 2 bad config, data or checkpoint (nothing started); 3 stopped by the loss
 guard (more bad steps than guard.max_retries; see guard.jsonl); 75 stopped by SIGTERM/SIGUSR1
-after saving a checkpoint (relaunch to continue); anything else: a failure.
+after saving a checkpoint (relaunch to continue); 124 hung: a step overran the ``watchdog:``
+allowance, every rank's stacks are in <run_dir>/logs (kiln.trainer.watchdog); anything else: a failure.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
     launch_id = uuid.uuid4().hex
     from kiln.parallel.backend import worker_environment
 
-    env = dict(os.environ, KILN_LAUNCH_ID=launch_id, **worker_environment(config.parallel, config.train.device))
+    env = dict(os.environ, KILN_LAUNCH_ID=launch_id,
+               **worker_environment(config.parallel, config.train.device, config.train.run_dir))
     # With the rendezvous store shared into the workers (torchrun's default), restarted workers
     # read the dead attempt's addresses and fail to connect (pytorch/pytorch#135712).
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -155,14 +157,23 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
             signal.signal(sig, handler)
         if shipper is not None:
             shipper.stop()  # the workers are gone: ship the rest of metrics.jsonl, finish the W&B run
-    marker = Path(config.train.run_dir) / PREEMPTED_MARKER
-    if code != 0 and marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("launch_id") == launch_id:
-                return EXIT_PREEMPTED
-        except (json.JSONDecodeError, OSError):
-            pass
+    # torchrun reports any worker failure as 1; the workers' markers say why they stopped.
+    from kiln.trainer.watchdog import EXIT_HUNG, HUNG_MARKER
+
+    run_dir = Path(config.train.run_dir)
+    if code != 0 and _written_by_launch(run_dir / PREEMPTED_MARKER, launch_id):
+        return EXIT_PREEMPTED
+    if code != 0 and _written_by_launch(run_dir / HUNG_MARKER, launch_id):
+        return EXIT_HUNG
     return code
+
+
+def _written_by_launch(marker: Path, launch_id: str) -> bool:
+    """Whether the JSON marker file exists and was written by the workers of this launch."""
+    try:
+        return json.loads(marker.read_text()).get("launch_id") == launch_id
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

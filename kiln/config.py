@@ -384,6 +384,29 @@ class LoggingConfig:
     """Free-text description shown with the W&B run."""
     all_ranks: bool = False
     """Every rank logs to <run_dir>/logs/rank<N>.log; rank 0 always prints to the console."""
+    progress: Literal["auto", "bar", "plain"] = "auto"
+    """Rank 0's console: bar keeps a live progress line (step/max_steps, loss, tokens/s, ETA) under the
+    log lines; plain prints the log lines only; auto is bar on a terminal outside Slurm, else plain."""
+
+
+@dataclass(kw_only=True, slots=True)
+class WatchdogConfig:
+    """Hang detection (kiln.trainer.watchdog): when a step overruns its allowance on any rank, every
+    rank writes its threads' Python stacks (and on GPUs NCCL's flight recorder) to <run_dir>/logs and
+    exits 124. A collective that waits 10 minutes (the process group's timeout) is aborted by NCCL
+    or gloo first, with NCCL's flight recorder but no Python stacks: the step allowance is below it."""
+
+    timeout_s: float = 300.0
+    """Allowance of one training step (forward, backward, optimizer step); 0 turns the watchdog off."""
+    first_step_timeout_s: float = 1800.0
+    """Allowance of the first step after a start or resume (compilation, data loader start); 0: unwatched."""
+    between_steps_timeout_s: float = 1800.0
+    """Allowance of the loop's work after a step: logging, evaluation, checkpoint saves; 0: unwatched."""
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "first_step_timeout_s", "between_steps_timeout_s"):
+            _check(getattr(self, name) >= 0, f"watchdog.{name} must be >= 0 seconds (0: unwatched), "
+                   f"got {getattr(self, name)}")
 
     def __post_init__(self) -> None:
         too_long = [tag for tag in self.wandb_tags if not 1 <= len(tag) <= 64]
@@ -489,6 +512,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
     """Used when train.precision=fp8."""

@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 logger = logging.getLogger("kiln")
 
@@ -50,3 +51,64 @@ def quiet_third_party() -> None:
 @functools.cache
 def warn_once(message: str) -> None:
     logger.warning(message)
+
+
+# -- live progress lines (kiln train's rank 0, kiln data prepare) --------------------------------
+PROGRESS_MODES = ("auto", "bar", "plain")
+_BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| {percentage:3.0f}% ETA {remaining} ({elapsed} so far, {rate_fmt}{postfix})"
+
+
+def wants_progress_bar(mode: str, stream) -> bool:
+    """``bar`` or ``plain`` as asked; ``auto``: a bar on a terminal, outside Slurm (whose output is
+    a file that carriage returns would fill with every update)."""
+    if mode != "auto":
+        return mode == "bar"
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and "SLURM_JOB_ID" not in os.environ
+
+
+def progress_bar(*, total: float, initial: float, desc: str, unit: str, stream, unit_scale: bool = False):
+    """A tqdm line that redraws itself in place: ``desc n/total |bar| pct% ETA m:ss (...)``."""
+    from tqdm import tqdm
+
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        follow_the_size = size.columns > 0 and size.lines > 0
+    except (AttributeError, OSError, ValueError):
+        follow_the_size = False
+    # A terminal that reports no size (a container's tty) gets a fixed one: tqdm would draw nothing.
+    sizing = {"dynamic_ncols": True} if follow_the_size else {"ncols": 100, "nrows": 24}
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale, file=stream,
+                bar_format=_BAR_FORMAT, smoothing=0.1, **sizing)
+
+
+def write_logs_above_the_bar(stream) -> Callable[[], None]:
+    """Make the logging handlers that write to ``stream`` write above its progress bars; returns
+    what puts them back."""
+    redirected = [(handler, handler.setStream(AboveTheBar(stream))) for handler in logging.getLogger().handlers
+                  if isinstance(handler, logging.StreamHandler) and handler.stream is stream]
+
+    def restore() -> None:
+        for handler, original in redirected:
+            handler.setStream(original)
+
+    return restore
+
+
+class AboveTheBar:
+    """A stream for a logging handler: each write clears the progress bars drawn on ``stream``,
+    writes the line, and draws them again below it."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=self.stream):
+            self.stream.write(text)
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()

@@ -96,8 +96,10 @@ def run(config: RunConfig) -> list[dict]:
     from kiln.trainer.garbage import ScheduledGarbageCollection
     from kiln.trainer.loop import Trainer
     from kiln.trainer.preemption import PreemptionWatcher
+    from kiln.trainer.watchdog import HangWatchdog
 
-    os.environ.update(worker_environment(config.parallel, config.train.device))  # for runs not started by the CLI
+    # For runs not started by the CLI.
+    os.environ.update(worker_environment(config.parallel, config.train.device, config.train.run_dir))
     check_environment(config)
     ctx = init_parallel(config.train.device, config.train.seed, config.layout)
     if ctx.device.type == "cuda":
@@ -129,7 +131,9 @@ def run(config: RunConfig) -> list[dict]:
             callbacks=[*build_callbacks(config.logging, rank=ctx.rank, run_dir=run_dir,
                                         max_steps=config.train.max_steps, run_config=config.to_dict()),
                        *build_guard(config, ctx.rank, run_dir),
-                       *([ScheduledGarbageCollection(config.train.gc_every)] if config.train.gc_every else [])],
+                       *([ScheduledGarbageCollection(config.train.gc_every)] if config.train.gc_every else []),
+                       *([HangWatchdog(config.watchdog, rank=ctx.rank, run_dir=run_dir,
+                                       device_type=ctx.device.type)] if config.watchdog.timeout_s else [])],
             checkpoint_every=config.checkpoint.every, checkpointer=checkpointer, preemption=preemption,
             val_batches=build_val_batches(config.data, config.train, ctx),
             flops_per_token=flops_per_token(config.model, vocab_size), peak_flops=peak,

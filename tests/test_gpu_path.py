@@ -93,14 +93,19 @@ def test_unknown_peaks_are_said_not_guessed(monkeypatch):
 
 
 # -- environment ------------------------------------------------------------------------------
-def test_worker_environment():
+def test_worker_environment(monkeypatch):
     def env(*overrides):
         config = config_from_dict({}, list(overrides))
         return worker_environment(config.parallel, config.train.device)
 
-    assert env("parallel.tp=2", "train.device=cuda") == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    assert env("train.device=auto") == {}  # dp only: FSDP/DDP overlap wants several hardware queues
-    assert env("parallel.tp=2", "train.device=cpu") == {"CUDA_VISIBLE_DEVICES": ""}
+    for name in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    recorder = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    assert env("parallel.tp=2", "train.device=cuda") == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", **recorder}
+    assert env("train.device=auto") == recorder  # dp only: FSDP/DDP overlap wants several hardware queues
+    assert env("parallel.tp=2", "train.device=cpu") == {"CUDA_VISIBLE_DEVICES": ""}  # no NCCL, no recorder
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "0")  # the user's choice stands
+    assert env("train.device=cuda") == {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
 
 
 def test_cpu_run_on_a_machine_with_a_gpu():

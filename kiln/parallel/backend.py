@@ -49,7 +49,7 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def worker_environment(parallel, device: str) -> dict[str, str]:
+def worker_environment(parallel, device: str, run_dir: str | None = None) -> dict[str, str]:
     """Environment the training processes need before CUDA starts in them (the launcher sets it).
 
     * ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tensor or context parallelism: one hardware queue
@@ -58,12 +58,18 @@ def worker_environment(parallel, device: str) -> dict[str, str]:
       FSDP-style overlap wants several queues, so it is not forced otherwise.
     * ``CUDA_VISIBLE_DEVICES=""`` for ``train.device=cpu``: a rehearsal on a GPU login node never
       touches (or allocates memory on) the GPUs.
+    * NCCL's flight recorder on, written to ``<run_dir>/logs`` when a collective times out
+      (:func:`kiln.trainer.watchdog.flight_recorder_environment`; what the user set is kept).
     """
     env: dict[str, str] = {}
     if device != "cpu" and (parallel.tp > 1 or parallel.cp > 1):
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        from kiln.trainer.watchdog import flight_recorder_environment
+
+        env.update(flight_recorder_environment(run_dir))
     return env
 
 

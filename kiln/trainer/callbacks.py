@@ -143,10 +143,13 @@ def keep_records_through(path: Path, step: int) -> None:
 
 
 def build_callbacks(logging_config, *, rank: int, run_dir: Path, max_steps: int, run_config: dict) -> list[Callback]:
-    """The metric sinks of ``logging:``; every rank gets them (each acts on rank 0 only)."""
-    callbacks: list[Callback] = [ConsoleLogger(rank, max_steps), JsonlLogger(rank, run_dir / "metrics.jsonl")]
+    """The metric sinks of ``logging:``; every rank gets them (each acts on rank 0 only), but the
+    progress line (no collectives in it), which only rank 0 gets, on a terminal."""
     from kiln.observe.wandb_shipper import RankZeroWandbShipper, shipped_by_launcher
+    from kiln.trainer.progress import progress_callbacks
 
+    callbacks: list[Callback] = [ConsoleLogger(rank, max_steps), JsonlLogger(rank, run_dir / "metrics.jsonl"),
+                                 *progress_callbacks(logging_config.progress, rank=rank, max_steps=max_steps)]
     if logging_config.wandb != "disabled" and not shipped_by_launcher():  # else the launcher ships metrics.jsonl
         callbacks.append(RankZeroWandbShipper(rank, logging_config, run_dir, run_config))
     return callbacks

@@ -12,6 +12,7 @@ import os
 import sys
 
 from kiln.errors import KilnDataError
+from kiln.log import PROGRESS_MODES
 
 
 def _setup_logging() -> None:
@@ -38,7 +39,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_prepare_config(args.config, seq_len=args.seq_len, dedup=args.dedup)
     stats = prepare(args.inputs, args.out, args.tokenizer, cfg, workers=args.workers, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+                    progress="off" if args.no_progress else args.progress)
     print(format_stats(stats))
     return 0
 
@@ -78,7 +79,10 @@ def add_data_parser(sub) -> None:
     p.add_argument("--dedup", choices=("exact", "near", "none"), default=None, help="overrides dedup.mode")
     p.add_argument("--config", default=None, help="YAML config of the cleaning, dedup, FIM and packing steps")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                   help="bar: a live line with ETA on stderr; plain: a log line every 30 s; auto (default): bar on "
+                        "a terminal outside Slurm, else plain")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     p.set_defaults(handler=cmd_prepare)
 
     p = dsub.add_parser("stats", help="print the stats report of a prepared dataset")

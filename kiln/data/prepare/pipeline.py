@@ -33,6 +33,7 @@ from kiln.data.pack import TMP_MARK, SamplePacker, is_complete_dataset, token_dt
 from kiln.data.prepare.config import PrepareConfig
 from kiln.data.prepare.dedup import decide_exact, decide_near
 from kiln.data.prepare.inputs import Chunk, expand_inputs, plan_chunks
+from kiln.data.prepare.progress import PrepareProgress, progress_mode
 from kiln.data.prepare.worker import init_worker, load_result, load_stats, process_chunk, result_path
 from kiln.data.tokenizer import file_sha256, load_tokenizer
 from kiln.errors import KilnDataError
@@ -105,27 +106,24 @@ def _preload_mds_writer() -> threading.Thread | None:
 
 
 def _run_chunks(pending: list[Chunk], done_bytes: int, total_bytes: int, workers: int, cfg: PrepareConfig,
-                tokenizer: str, chunks_dir: str, progress: bool) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr,
-               disable=not progress, smoothing=0.1)
+                tokenizer: str, chunks_dir: str, progress: str) -> None:
+    shown = PrepareProgress(progress, total_bytes=total_bytes, done_bytes=done_bytes)
     init_args = (cfg.to_dict(), tokenizer, chunks_dir)
     try:
         if workers == 1 or len(pending) <= 1:
             init_worker(*init_args, in_subprocess=False)
             for c in pending:
-                process_chunk(c)
-                bar.update(c.nbytes)
+                _, stats = process_chunk(c)
+                shown.chunk_done(c.nbytes, stats["documents_in"])
             return
         # spawn, not fork: the parent may hold threads (tqdm's monitor, tokenizers' pool).
         ctx = multiprocessing.get_context("spawn")
         by_index = {c.index: c for c in pending}
         with ctx.Pool(min(workers, len(pending)), initializer=init_worker, initargs=init_args) as pool:
-            for index, _ in pool.imap_unordered(process_chunk, pending, chunksize=1):
-                bar.update(by_index[index].nbytes)
+            for index, stats in pool.imap_unordered(process_chunk, pending, chunksize=1):
+                shown.chunk_done(by_index[index].nbytes, stats["documents_in"])
     finally:
-        bar.close()
+        shown.close()
 
 
 def _dedup(chunks: list[Chunk], chunks_dir: str, cfg: PrepareConfig, counts: list[int]) -> tuple[np.ndarray, Counter]:
@@ -219,9 +217,12 @@ def _summarise(chunk_stats: list[dict], dedup_dropped: Counter, totals: dict, sa
 
 
 def prepare(inputs: list[str], out: str, tokenizer: str, cfg: PrepareConfig, *, workers: int | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
-    """Prepare ``inputs`` into the MDS dataset ``out``; return the stats (also in ``out/stats.json``)."""
+            overwrite: bool = False, progress: str | bool = "auto") -> dict:
+    """Prepare ``inputs`` into the MDS dataset ``out``; return the stats (also in ``out/stats.json``).
+
+    ``progress``: auto, bar, plain or off (:mod:`.progress`); True is auto, False off."""
     t0 = time.perf_counter()
+    progress = progress_mode(progress)
     workers = workers or default_workers()
     if workers < 1:
         raise KilnDataError(f"--workers must be >= 1, got {workers}")
