@@ -388,6 +388,11 @@ class LoggingConfig:
     """Rank 0's console: bar keeps a live progress line (step/max_steps, loss, tokens/s, ETA) under the
     log lines; plain prints the log lines only; auto is bar on a terminal outside Slurm, else plain."""
 
+    def __post_init__(self) -> None:
+        too_long = [tag for tag in self.wandb_tags if not 1 <= len(tag) <= 64]
+        _check(not too_long, f"logging.wandb_tags: W&B takes tags of 1 to 64 characters, got {too_long}; "
+                             f"shorten or drop them")
+
 
 @dataclass(kw_only=True, slots=True)
 class WatchdogConfig:
@@ -407,11 +412,6 @@ class WatchdogConfig:
         for name in ("timeout_s", "first_step_timeout_s", "between_steps_timeout_s"):
             _check(getattr(self, name) >= 0, f"watchdog.{name} must be >= 0 seconds (0: unwatched), "
                    f"got {getattr(self, name)}")
-
-    def __post_init__(self) -> None:
-        too_long = [tag for tag in self.wandb_tags if not 1 <= len(tag) <= 64]
-        _check(not too_long, f"logging.wandb_tags: W&B takes tags of 1 to 64 characters, got {too_long}; "
-                             f"shorten or drop them")
 
 
 @dataclass(kw_only=True, slots=True)

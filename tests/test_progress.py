@@ -136,7 +136,8 @@ def test_prepare_draws_a_live_line_on_a_terminal(tmp_path):
     code, output = on_a_terminal("data", "prepare", *args, "--out", str(tmp_path / "ds"))
     assert code == 0, output[-3000:]
     updates = [line for line in output.split("\r") if line.startswith("prepare ")]
-    assert len(updates) >= 3 and all("ETA" in u for u in updates)  # drawn, redrawn in place, finished
+    # Drawn, then redrawn in place (how often in between depends on the machine's speed), finished.
+    assert len(updates) >= 2 and all("ETA" in u for u in updates) and "100%" not in updates[0]
     assert "documents" in updates[-1] and "100%" in updates[-1]
     # On a pipe there is none: test_data_prepare_pipeline.py::test_cli_prepare_stats_and_train_tokenizer.
 
