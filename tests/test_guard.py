@@ -199,3 +199,23 @@ def test_retry_cap_stops_a_run_whose_every_step_is_bad(tmp_path):
     assert "Traceback" not in result.stderr
     events = [json.loads(line)["guard"]["action"] for line in (tmp_path / "run" / "guard.jsonl").read_text().splitlines()]
     assert events == ["skip", "skip", "stop"]
+
+
+def test_lr_cooldown_after_a_rollback_scales_the_scheduled_lr():
+    from types import SimpleNamespace
+
+    from kiln.engine.base import Engine
+
+    guard = _guard(lr_cooldown_steps=2, lr_cooldown_factor=0.25)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = SimpleNamespace(step=lambda increment: optimizer.param_groups[0].update(lr=0.8))
+    engine = SimpleNamespace(optimizer=optimizer, scheduler=scheduler, lr_multiplier=1.0)
+    trainer = SimpleNamespace(engine=engine, state=SimpleNamespace(step=10))
+    guard.on_rollback(trainer)  # rolled back to step 10: steps 11 and 12 run cooled
+    seen = []
+    for step in (10, 11, 12):
+        trainer.state.step = step
+        guard.on_step_start(trainer)
+        Engine.advance_lr_schedule(engine)
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert seen == [pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.8)]
