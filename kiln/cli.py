@@ -90,11 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         run(config)
     except TrainingPreempted as stop:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same step; one says so
             marker = {"step": stop.step, "signal": signal.Signals(stop.signum).name,
                       "launch_id": os.environ.get("KILN_LAUNCH_ID")}
             (Path(config.train.run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
-        print(f"kiln: {stop}; relaunch the same command to continue", file=sys.stderr)
+            print(f"kiln: {stop}; relaunch the same command to continue", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
 
@@ -118,7 +118,7 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
     else:
         where = ["--standalone"]
     command = [
-        sys.executable, "-m", "torch.distributed.run", *where,
+        sys.executable, "-m", "kiln.torchrun_agent", *where,  # torchrun, one clean stop per signal
         f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts}",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         f"--shutdown-timeout={config.checkpoint.signal_timeout_s}",
