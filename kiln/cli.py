@@ -24,6 +24,7 @@ from pathlib import Path
 from kiln.checkpoint.tools import add_ckpt_parser
 from kiln.data.prepare.cli import add_data_parser
 from kiln.errors import KilnConfigError, KilnError
+from kiln.slurm import add_slurm_parser
 
 EXIT_CONFIG_ERROR = 2
 PREEMPTED_MARKER = "preempted.json"
@@ -162,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     add_data_parser(sub)
     add_ckpt_parser(sub)
+    add_slurm_parser(sub)
     # Overrides may come after options (`--nproc-per-node 2 optim.lr=1e-3`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
-    unknown = [item for item in extra if item.startswith("-") or "=" not in item or args.command != "train"]
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
