@@ -21,7 +21,7 @@ import pytest
 from tests.kiln_run import REPO, TINY, read_metrics, start_kiln
 from tests.slurm_cluster import POLL_S, SlurmCluster, SlurmUnavailable, ensure_installed
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slurm
 
 SBATCH = REPO / "slurm" / "kiln.sbatch"
 STEPS = 12
@@ -88,6 +88,7 @@ def wait_for_steps(run_dir, steps: int, job_id: str, slurm: SlurmCluster) -> Non
         time.sleep(POLL_S)
 
 
+@pytest.mark.slow  # trains through the CLI (torchrun, gloo), three launches
 def test_time_limit_signal_saves_requeues_and_resumes_on_the_same_losses(slurm, job_env, tmp_path):
     # The uninterrupted run, alongside the job (same layout: 2 processes, dp 2).
     reference = start_kiln("train", TINY, "--nproc-per-node", "2", f"train.run_dir={tmp_path / 'reference'}",
@@ -99,8 +100,9 @@ def test_time_limit_signal_saves_requeues_and_resumes_on_the_same_losses(slurm, 
     try:
         wait_for_steps(run_dir, 1, job_id, slurm)
         slurm.command("scancel", "--signal=USR1", job_id)
-        slurm.wait_for_job(job_id, lambda job: job["JobState"] == "PENDING" and job["Restarts"] == "1",
-                           "requeue after the signal")
+        # Requeued, and its first run's processes are gone: the node takes the job id again only then.
+        slurm.wait_for_job(job_id, lambda job: job["JobState"] == "PENDING" and job["Restarts"] == "1"
+                           and slurm.node_state() == "idle", "requeue after the signal")
         # Slurm holds a requeued job about two minutes (BeginTime); the test does not wait that out.
         slurm.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         job = slurm.wait_for_job(job_id, lambda job: job["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"),

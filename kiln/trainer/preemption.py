@@ -48,14 +48,13 @@ class PreemptionWatcher:
         start_resource_tracker_deaf_to_stop_signals()
 
     def _record(self, signum: int, frame) -> None:
-        if self.received is not None:
-            return  # the first signal is the one that arrived at the job; later ones follow from it
-        log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
-        grace = max(self.MIN_GRACE_S, 3 * self.step_time_s)
-        self._watchdog = threading.Timer(grace, _exit_stuck, args=(signum, grace))
-        self._watchdog.daemon = True
-        self._watchdog.start()
-        self.received = signum
+        if self.received is None:  # the first signal is the one that arrived; later ones follow from it
+            log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+            grace = max(self.MIN_GRACE_S, 3 * self.step_time_s)
+            self._watchdog = threading.Timer(grace, _exit_stuck, args=(signum, grace))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+            self.received = signum
 
     def requested(self) -> int | None:
         """The stop signal if any rank received one, else None (collective, one tiny all-reduce)."""
