@@ -5,7 +5,7 @@ rendered file and the shipped script never drift apart: render changes only its 
 lines and two lines of the body, each found by its exact shipped text —
 
 * ``run=()``: the run, ``CONFIG key=value ...`` (arguments given to sbatch still replace it);
-* ``cpu_workers_per_node=1``: workers per node where Slurm gives no GPUs.
+* ``cpu_workers_per_node=1``: workers per node of a job without GPUs.
 
 The run is checked as ``kiln train --dry-run`` would check it (config, overrides, and that the
 layout divides nodes × workers per node), so a bad file is refused here, not in the queue.
@@ -35,10 +35,11 @@ def render(config: str, overrides: list[str], *, nodes: int = 1, gpus_per_node: 
     """The sbatch script for this run and these resources."""
     _check_resources(nodes, gpus_per_node, workers_per_node, partition, account, time, job_name)
     _check_run(config, overrides, nodes * (gpus_per_node or workers_per_node or 1))
-    settings = {"job-name": job_name, "nodes": str(nodes), "partition": partition, "account": account,
-                "time": time, "gpus-per-node": str(gpus_per_node) if gpus_per_node else None}
-    lines = TEMPLATE.read_text().splitlines()
-    lines = _set_sbatch_options(lines, settings, drop=() if gpus_per_node else ("gpus-per-node",))
+    # --gpus-per-node=0 stays written: a CPU job then starts CPU workers even on a node with GPUs,
+    # which --exclusive would otherwise hand it (SLURM_GPUS_ON_NODE).
+    settings = {"job-name": job_name, "nodes": str(nodes), "gpus-per-node": str(gpus_per_node), "time": time,
+                "partition": partition, "account": account}
+    lines = _set_sbatch_options(TEMPLATE.read_text().splitlines(), settings)
     lines = _replace_line(lines, RUN_LINE, "run=(" + " ".join(shlex.quote(a) for a in [config, *overrides]) + ")")
     if workers_per_node is not None:
         lines = _replace_line(lines, CPU_WORKERS_LINE, f"cpu_workers_per_node={workers_per_node}")
@@ -74,7 +75,7 @@ def _check_run(config: str, overrides: list[str], world_size: int) -> None:
     load_config(config, overrides).layout(world_size)  # a layout that does not divide the world stops here
 
 
-def _set_sbatch_options(lines: list[str], settings: dict[str, str | None], drop: tuple[str, ...]) -> list[str]:
+def _set_sbatch_options(lines: list[str], settings: dict[str, str | None]) -> list[str]:
     """The #SBATCH lines with ``settings`` applied (None: keep the template's), new ones after the last."""
     pending = {key: value for key, value in settings.items() if value is not None}
     out, last = [], None
@@ -82,8 +83,6 @@ def _set_sbatch_options(lines: list[str], settings: dict[str, str | None], drop:
         match = SBATCH_LINE.fullmatch(line)
         if match:
             key = match.group(1)
-            if key in drop:
-                continue
             if key in pending:
                 line = f"#SBATCH --{key}={pending.pop(key)}"
             last = len(out)

@@ -48,7 +48,9 @@ def ensure_installed() -> None:
                 break
         if result.returncode == 0 and all(shutil.which(command) for command in COMMANDS):
             return
-    raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {(result.stdout + result.stderr)[-1500:]}")
+    missing = [command for command in COMMANDS if not shutil.which(command)]
+    raise SlurmUnavailable(f"after apt-get install {' '.join(PACKAGES)} (exit {result.returncode}), still not on PATH: "
+                           f"{' '.join(missing)}\n{(result.stdout + result.stderr)[-1500:]}")
 
 
 class SlurmCluster:

@@ -5,7 +5,8 @@ sbatch as the README tells a user to.
   `--signal=USR1@300` does. kiln saves and exits 75, the script requeues the job, the job runs
   again from that checkpoint and finishes with the losses of an uninterrupted run, step for step;
   its output names SIGUSR1 and holds no traceback.
-* Workers per node follow the GPUs the job asks for, on a node with (count-only) GPUs.
+* Workers per node follow the GPUs the job asks for, on a node with (count-only) GPUs, and a
+  file from `kiln slurm render --gpus-per-node 0 --workers-per-node 2` runs 2 CPU workers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 import pytest
 
+from kiln.slurm import render
 from tests.kiln_run import REPO, TINY, read_metrics, start_kiln
 from tests.slurm_cluster import POLL_S, SlurmCluster, SlurmUnavailable, ensure_installed
 
@@ -134,3 +136,15 @@ def test_workers_per_node_follow_the_gpus_the_job_asks_for(slurm_with_gpus, job_
     assert job["JobState"] == "COMPLETED", f"{job}\n{log}"
     assert job["JOB_GRES"] == "gpu:2" and job["TresPerNode"] == "gres:gpu:1", job
     assert "1 worker(s) per node" in log and "kiln dry run: tiny on 1 ranks" in log, log
+
+
+def test_rendered_cpu_file_runs_its_workers(slurm, job_env, tmp_path):
+    script, output = tmp_path / "tiny.sbatch", tmp_path / "job.out"
+    script.write_text(render(TINY, [], gpus_per_node=0, workers_per_node=2, time="10"))
+    # Arguments to sbatch replace the rendered run: here a dry run, which starts no processes.
+    job_id = slurm.sbatch(f"--output={output}", str(script), TINY, "--dry-run", cwd=tmp_path,
+                          env=dict(slurm.env, **job_env))
+    job = slurm.wait_for_job(job_id, lambda job: job["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), "end")
+    log = output.read_text()
+    assert job["JobState"] == "COMPLETED" and job["TresPerNode"] == "gres:gpu:0", f"{job}\n{log}"
+    assert "2 worker(s) per node" in log and "kiln dry run: tiny on 2 ranks" in log, log

@@ -66,7 +66,7 @@ def test_gpu_cluster_file(tmp_path):
 def test_cpu_cluster_file_asks_for_no_gpus_and_sets_the_workers():
     script = render(TINY, ["train.max_steps=5"], gpus_per_node=0, workers_per_node=2, time="30")
     lines = sbatch_lines(script)
-    assert not [line for line in lines if "gpus" in line]
+    assert [line for line in lines if "gpus" in line] == ["#SBATCH --gpus-per-node=0"]
     assert "#SBATCH --time=30" in lines and "#SBATCH --nodes=1" in lines and "#SBATCH --job-name=kiln" in lines
     assert changed_lines(script) == [("run=()", f"run=({TINY} train.max_steps=5)"),
                                      ("cpu_workers_per_node=1", "cpu_workers_per_node=2")]
