@@ -198,6 +198,10 @@ class SlurmCluster:
             time.sleep(POLL_S)
 
 
+    def wait_for_end(self, job_id: str, what: str = "end") -> dict[str, str]:
+        return self.wait_for_job(job_id, lambda job: job["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), what)
+
+
 def _memory_mb() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):

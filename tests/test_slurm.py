@@ -102,17 +102,19 @@ def test_time_limit_signal_saves_requeues_and_resumes_on_the_same_losses(slurm, 
     try:
         wait_for_steps(run_dir, 1, job_id, slurm)
         slurm.command("scancel", "--signal=USR1", job_id)
-        # Requeued, and its first run's processes are gone: the node takes the job id again only then.
+        # Requeued, and the node done with the first run (it revokes that run's job credential then).
         slurm.wait_for_job(job_id, lambda job: job["JobState"] == "PENDING" and job["Restarts"] == "1"
                            and slurm.node_state() == "idle", "requeue after the signal")
-        # Slurm holds a requeued job about two minutes (BeginTime); the test does not wait that out.
+        # Slurm holds a requeued job about two minutes (BeginTime); the test does not wait that out,
+        # only for the next second: the first run's credential is revoked in whole seconds, and a
+        # launch in the same second is refused ("Job credential revoked").
+        time.sleep(1.05 - time.time() % 1)
         slurm.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        job = slurm.wait_for_job(job_id, lambda job: job["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"),
-                                 "end after the requeue")
+        job = slurm.wait_for_end(job_id, "end after the requeue")
     finally:
         reference_log, _ = reference.communicate(timeout=600)
     log = output.read_text()
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{log[-5000:]}"
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{log[-5000:]}\n{slurm.log_tails(40)}"
     assert reference.returncode == 0, reference_log[-5000:]
 
     stopped = re.search(r"kiln: stopped by (\w+) after step (\d+); checkpoint saved", log)
@@ -131,7 +133,7 @@ def test_workers_per_node_follow_the_gpus_the_job_asks_for(slurm_with_gpus, job_
     # --exclusive (the script's) hands the job both GPUs of the node; it asked for one.
     job_id = slurm.sbatch("--gpus-per-node=1", f"--output={output}", str(SBATCH), TINY, "--dry-run", cwd=REPO,
                           env=dict(slurm.env, **job_env))
-    job = slurm.wait_for_job(job_id, lambda job: job["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), "end")
+    job = slurm.wait_for_end(job_id)
     log = output.read_text()
     assert job["JobState"] == "COMPLETED", f"{job}\n{log}"
     assert job["JOB_GRES"] == "gpu:2" and job["TresPerNode"] == "gres:gpu:1", job
@@ -144,7 +146,7 @@ def test_rendered_cpu_file_runs_its_workers(slurm, job_env, tmp_path):
     # Arguments to sbatch replace the rendered run: here a dry run, which starts no processes.
     job_id = slurm.sbatch(f"--output={output}", str(script), TINY, "--dry-run", cwd=tmp_path,
                           env=dict(slurm.env, **job_env))
-    job = slurm.wait_for_job(job_id, lambda job: job["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), "end")
+    job = slurm.wait_for_end(job_id)
     log = output.read_text()
     assert job["JobState"] == "COMPLETED" and job["TresPerNode"] == "gres:gpu:0", f"{job}\n{log}"
     assert "2 worker(s) per node" in log and "kiln dry run: tiny on 2 ranks" in log, log
