@@ -26,6 +26,7 @@ from pathlib import Path
 from kiln.checkpoint.tools import add_ckpt_parser
 from kiln.data.prepare.cli import add_data_parser
 from kiln.errors import KilnConfigError, KilnError
+from kiln.slurm import add_slurm_parser
 
 EXIT_CONFIG_ERROR = 2
 PREEMPTED_MARKER = "preempted.json"
@@ -97,11 +98,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"kiln: {stop}", file=sys.stderr)
         return EXIT_GUARD_STOPPED
     except TrainingPreempted as stop:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same step; one says so
             marker = {"step": stop.step, "signal": signal.Signals(stop.signum).name,
                       "launch_id": os.environ.get("KILN_LAUNCH_ID")}
             (Path(config.train.run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
-        print(f"kiln: {stop}; relaunch the same command to continue", file=sys.stderr)
+            print(f"kiln: {stop}; relaunch the same command to continue", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
 
@@ -125,7 +126,7 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
     else:
         where = ["--standalone"]
     command = [
-        sys.executable, "-m", "torch.distributed.run", *where,
+        sys.executable, "-m", "kiln.torchrun_agent", *where,  # torchrun, one clean stop per signal
         f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts}",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         f"--shutdown-timeout={config.checkpoint.signal_timeout_s}",
@@ -185,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     add_data_parser(sub)
     add_ckpt_parser(sub)
+    add_slurm_parser(sub)
     # Overrides may come after options (`--nproc-per-node 2 optim.lr=1e-3`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
-    unknown = [item for item in extra if item.startswith("-") or "=" not in item or args.command != "train"]
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:

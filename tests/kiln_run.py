@@ -92,6 +92,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants: the processes Slurm signals in a job step."""
+    tree = [pid]
+    for child in _children(pid):
+        tree += process_tree(child)
+    return tree
+
+
 def worker_pid(launcher_pid: int, rank: int) -> int:
     """The torchrun worker of global ``rank`` under a `kiln train --nproc-per-node` process."""
     for agent in _children(launcher_pid):

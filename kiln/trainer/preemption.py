@@ -8,6 +8,10 @@ torchrun also sends SIGTERM to the survivors when a worker dies; those may be st
 collective with the dead peer and would never reach the step boundary. So a signal arms a
 watchdog: a rank that is not back at a step boundary within ``grace`` exits at once (code
 128 + signal, as if killed), instead of holding the restart up for the whole save timeout.
+
+The first stop signal names the stop: under Slurm every process of the step gets the signal
+(launcher, torchrun's agent, workers), and a signal that follows it (the agent's own SIGTERM as
+it shuts down, Slurm's SIGTERM at the time limit) must not rename it.
 """
 
 from __future__ import annotations
@@ -41,15 +45,16 @@ class PreemptionWatcher:
         self.step_time_s = 0.0  # the loop keeps it current; the watchdog allows a few steps
         self._watchdog: threading.Timer | None = None
         self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        start_resource_tracker_deaf_to_stop_signals()
 
     def _record(self, signum: int, frame) -> None:
-        if self.received is None:
+        if self.received is None:  # the first signal is the one that arrived; later ones follow from it
             log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
             grace = max(self.MIN_GRACE_S, 3 * self.step_time_s)
             self._watchdog = threading.Timer(grace, _exit_stuck, args=(signum, grace))
             self._watchdog.daemon = True
             self._watchdog.start()
-        self.received = signum
+            self.received = signum
 
     def requested(self) -> int | None:
         """The stop signal if any rank received one, else None (collective, one tiny all-reduce)."""
@@ -64,6 +69,25 @@ class PreemptionWatcher:
             self._watchdog.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def start_resource_tracker_deaf_to_stop_signals() -> None:
+    """Start multiprocessing's resource tracker now, with the stop signals blocked in it.
+
+    mosaicml-streaming's shared memory starts the tracker in each worker. It ignores SIGTERM but
+    dies on SIGUSR1, which reaches it with the worker's process group (torchrun) or the whole
+    step (Slurm); the worker then prints a KeyError traceback for every block it frees. A
+    blocked signal stays blocked across fork and exec, and the tracker unblocks only SIGINT and
+    SIGTERM; here the worker's own handler is already set, so a signal arriving meanwhile waits
+    for the unblock and is delivered to it.
+    """
+    from multiprocessing import resource_tracker
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()  # a no-op when it is already running
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _exit_stuck(signum: int, grace: float) -> None:
