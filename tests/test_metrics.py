@@ -9,7 +9,7 @@ import pytest
 from tests.distributed import run_distributed
 from tests.test_engines import _CountingBatches
 
-SLOW_DATA_S = 0.25  # rank 1 waits this long for each micro-batch: a straggler
+SLOW_DATA_S = 0.6  # rank 1 waits this long for each micro-batch: a straggler
 
 
 class _SlowBatches(_CountingBatches):
@@ -46,7 +46,8 @@ def test_breakdown_memory_throughput_and_the_slow_rank():
         assert sum(m[f"time_{part}_s"] for part in parts) == pytest.approx(m["step_time_s"], rel=1e-6)
         # Rank 0 waits for rank 1 inside the gradient all-reduce: the step is as slow as rank 1's data.
         assert m["step_time_s"] > SLOW_DATA_S
-        assert m["slowest_rank"] == 1 and m["step_time_spread"] > 1.3
+        # With 2 ranks the median is their mean: rank 1's share is > 1 however slow the machine's compute.
+        assert m["slowest_rank"] == 1 and m["step_time_spread"] > 1.05
         assert m["tokens_per_s"] == pytest.approx(4 * 128 / m["step_time_s"])
         assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"] / 2)
         assert m["tflops_per_device"] == pytest.approx(1e6 * m["tokens_per_s_per_device"] / 1e12)

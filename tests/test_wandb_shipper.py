@@ -110,6 +110,30 @@ def test_shipper_ships_each_step_once_across_a_restart_and_merges_a_guard_event(
     assert run.logged[7] == (7, wandb_row(GUARD_EVENT))  # merged into step 7's row
 
 
+def test_a_rollback_event_waits_for_the_steps_that_run_again(tmp_path):
+    """The guard rolls back from step 7 to the step-4 checkpoint: its event (step 7) is in the file
+    before steps 5 and 6 are written again; shipped first, it would close W&B's history to them."""
+    path = tmp_path / "metrics.jsonl"
+    run = FakeRun()
+    shipper = WandbShipper(path, lambda: (run, None))
+    ledger = StepLedger()
+    write_records(path, [step_record(s) for s in range(1, 5)] + [GUARD_EVENT])  # steps 5, 6 not yet read
+    shipper.ship_new_records(run, ledger)
+    keep_records_through(path, 4)
+    write_records(path, [step_record(5), step_record(6), step_record(7), step_record(8)])
+    shipper.ship_new_records(run, ledger)
+    assert [step for step, _ in run.logged] == [1, 2, 3, 4, 5, 6, 7, 7, 8]
+    assert run.logged[6] == (7, wandb_row(GUARD_EVENT))
+    stopped = FakeRun()  # a stop event (the last record of a run) ships with the final pass
+    shipper = WandbShipper(tmp_path / "stopped.jsonl", lambda: (stopped, None))
+    write_records(tmp_path / "stopped.jsonl", [step_record(6), GUARD_EVENT])
+    ledger = StepLedger()
+    shipper.ship_new_records(stopped, ledger)
+    assert [step for step, _ in stopped.logged] == [6]  # the event waits for a later step record
+    shipper.ship_new_records(stopped, ledger, last=True)
+    assert [step for step, _ in stopped.logged] == [6, 7]
+
+
 def test_stop_ships_what_the_file_holds_then_finishes(tmp_path):
     path = tmp_path / "metrics.jsonl"
     run = FakeRun()

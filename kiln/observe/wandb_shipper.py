@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.observe.metrics_tail import MetricsTail
-from kiln.trainer.callbacks import Callback
+from kiln.trainer.callbacks import Callback, is_event
 
 log = logging.getLogger("kiln")
 
@@ -99,6 +99,7 @@ class WandbShipper:
     def __init__(self, metrics_path: Path, open_run: Callable[[], tuple[Any, int | None]], poll_s: float = 1.0) -> None:
         self.tail, self.open_run, self.poll_s = MetricsTail(metrics_path), open_run, poll_s
         self.stop_requested = threading.Event()
+        self.held_events: list[dict[str, Any]] = []
         self.thread = threading.Thread(target=self._ship_until_stopped, name="kiln-wandb-shipper", daemon=True)
 
     def start(self) -> WandbShipper:
@@ -113,11 +114,32 @@ class WandbShipper:
             log.warning(f"W&B: the final upload did not end within {timeout_s:.0f} s; leaving it "
                         f"(the next launch, or `wandb sync`, ships the rest)")
 
-    def ship_new_records(self, run, ledger: StepLedger) -> None:
+    def ship_new_records(self, run, ledger: StepLedger, *, last: bool = False) -> None:
+        """Ship the file's new records. An event (the guard's) waits for the first step record at or past
+        its step: after a rollback the event's step is ahead of the steps that run again, and shipping it
+        first would close W&B's history to them. ``last``: the writers are done, ship what waits."""
         for record in self.tail.new_records():
             step = record.get("step")
-            if isinstance(step, int) and (row := ledger.admit(step, wandb_row(record))):
-                run.log(row, step=step)
+            if not isinstance(step, int):
+                continue
+            if is_event(record):
+                self.held_events.append(record)
+                continue
+            self._release_events(run, ledger, through=step)
+            self._log(run, ledger, record)
+        if last:
+            self._release_events(run, ledger, through=None)
+
+    def _release_events(self, run, ledger: StepLedger, through: int | None) -> None:
+        due = [event for event in self.held_events if through is None or event["step"] <= through]
+        self.held_events = [event for event in self.held_events if event not in due]
+        for event in due:
+            self._log(run, ledger, event)
+
+    @staticmethod
+    def _log(run, ledger: StepLedger, record: dict[str, Any]) -> None:
+        if row := ledger.admit(record["step"], wandb_row(record)):
+            run.log(row, step=record["step"])
 
     def _ship_until_stopped(self) -> None:
         try:
@@ -130,7 +152,7 @@ class WandbShipper:
         try:
             while True:
                 last_pass = self.stop_requested.is_set()  # set before this read: the writers are done
-                self.ship_new_records(run, ledger)
+                self.ship_new_records(run, ledger, last=last_pass)
                 if last_pass:
                     break
                 self.stop_requested.wait(self.poll_s)
