@@ -151,7 +151,8 @@ def _ring_rank(rank: int, cp: int, documents: bool, dtype_name: str, kernel: str
 
 
 @pytest.mark.parametrize("cp,documents,dtype,kernel", [
-    (2, False, "float32", "fused"), (2, True, "float32", "fused"), (4, True, "float32", "fused"),
+    (2, False, "float32", "fused"), (2, True, "float32", "fused"),
+    pytest.param(4, True, "float32", "fused", marks=pytest.mark.extended),
     pytest.param(4, False, "float32", "fused", marks=pytest.mark.extended),
     pytest.param(2, True, "bfloat16", "fused", marks=pytest.mark.extended),
     # The portable block kernel GPUs use without TE, checked here on CPU.

@@ -35,6 +35,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.extended
 def test_local_spec_checkpoint_resumes_into_modules_with_extra_state(tmp_path):
     """A checkpoint without TE's `_extra_state` entries (the local spec, a CPU rehearsal) resumes
     into a model whose modules have them (the TE spec on the cluster); the weights still load."""

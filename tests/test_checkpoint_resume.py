@@ -64,7 +64,8 @@ def _assert_close(got: dict, want: list, steps, rel=1e-5):
         assert got[step] == pytest.approx(want[step - 1], rel=rel), f"step {step}: {got[step]} vs {want[step - 1]}"
 
 
-@pytest.mark.parametrize("saved_with", ["tp2", pytest.param("pp2", marks=pytest.mark.extended), "dp2"])
+@pytest.mark.parametrize("saved_with", ["tp2", pytest.param("pp2", marks=pytest.mark.extended),
+                                        pytest.param("dp2", marks=pytest.mark.extended)])
 def test_reshard_to_one_process(references, saved_with, tmp_path, cache):
     source = references[saved_with][0] / "checkpoints" / "step_000008"
     metrics = train(tmp_path / "run", 1, *COMMON, *SINGLE_FOR.get(saved_with, ()), f"checkpoint.resume_from={source}",
@@ -74,7 +75,8 @@ def test_reshard_to_one_process(references, saved_with, tmp_path, cache):
     _assert_close(got, references["single"][1], got)
 
 
-@pytest.mark.parametrize("resume_with", ["tp2", pytest.param("pp2", marks=pytest.mark.extended), "dp2"])
+@pytest.mark.parametrize("resume_with", ["tp2", pytest.param("pp2", marks=pytest.mark.extended),
+                                         pytest.param("dp2", marks=pytest.mark.extended)])
 def test_reshard_from_one_process(references, resume_with, tmp_path, cache):
     source = references["single"][0] / "checkpoints"  # a checkpoint root: its latest good step
     nproc, overrides = LAYOUTS[resume_with]
@@ -127,6 +129,7 @@ def test_truncated_or_missing_shard_falls_back_to_previous(references, tmp_path,
     assert [got[s] for s in got] == references["single"][1][8:]  # bitwise: same layout
 
 
+@pytest.mark.extended  # `make test` has the stop on SIGUSR1 (test_stop_signals) and the real Slurm requeue
 def test_sigterm_saves_current_step_and_next_launch_continues(references, tmp_path, cache):
     nproc, overrides = LAYOUTS["dp2"]
     run_dir = tmp_path / "run"

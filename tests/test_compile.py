@@ -184,7 +184,7 @@ def test_a_checkpoint_continues_with_and_without_compile(runs, tmp_path, cache_d
     pytest.param(2, ("parallel.pp=2",), id="pp2", marks=pytest.mark.extended),
     # the first pass without gradients: a second graph
     pytest.param(1, ("train.recompute=full",), id="full-recompute", marks=pytest.mark.extended),
-    pytest.param(2, ("parallel.engine=fsdp",), id="fsdp"),  # FSDP2's hooks around each compiled layer
+    pytest.param(2, ("parallel.engine=fsdp",), id="fsdp", marks=pytest.mark.extended),  # FSDP2's hooks
     pytest.param(2, ("parallel.engine=deepspeed", "parallel.zero_stage=2"), id="deepspeed-zero2",
                  marks=pytest.mark.extended),
 ])

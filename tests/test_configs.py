@@ -147,7 +147,7 @@ TOY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["llama3-8b", "llama3-70b"])
+@pytest.mark.parametrize("preset", [pytest.param("llama3-8b", marks=pytest.mark.extended), "llama3-70b"])
 def test_preset_parallel_settings_train_on_cpu(preset, tmp_path) -> None:
     """The 8B preset's tp 2 + sequence parallel + distributed optimizer, and the 70B preset's
     interleaved pipeline with selective recompute, on a toy model (the local layer spec)."""

@@ -40,6 +40,7 @@ def baseline(tmp_path_factory, cache_dir):
     return get
 
 
+@pytest.mark.extended  # trains the causal baseline, which only the extended tier's cases need
 def test_document_masking_changes_the_loss(baseline):
     # Otherwise the "documents" cases below would prove nothing about masking.
     causal, documents = ([m["loss"] for m in baseline(k)] for k in ("causal", "documents"))

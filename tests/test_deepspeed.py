@@ -113,7 +113,7 @@ def test_dry_run_names_the_zero_stage_and_offload() -> None:
 
 # -- parity ----------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.extended), 3])
 def test_zero_dp2_matches_megatron_single_process(stage, runs, megatron_baseline) -> None:
     _, metrics = runs(stage, 2)
     assert_same_losses(megatron_baseline, metrics)

@@ -80,6 +80,7 @@ def test_a_failed_benchmark_is_not_measured_and_says_so():
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the GPU check's own run on a GPU machine is what counts; here its CPU smoke
 def test_cpu_side_of_the_gpu_check_runs_and_reports_no_gpu_metric(tmp_path):
     """The whole check as a user runs it, with the GPUs hidden (so it is the CPU-side part anywhere)."""
     report_path = tmp_path / "gpu_check.json"

@@ -160,7 +160,7 @@ def without_the_bad_batch(datasets, tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["planted batch", "nan gradients"])
+@pytest.mark.parametrize("fault", ["planted batch", pytest.param("nan gradients", marks=pytest.mark.extended)])
 def test_rollback_replays_as_if_the_bad_batch_was_never_there(fault, datasets, without_the_bad_batch, tmp_path):
     run_dir = tmp_path / "run"
     if fault == "planted batch":

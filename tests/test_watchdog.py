@@ -167,6 +167,7 @@ def _exited(pid: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # `make test` has the hang itself (2 ranks below the CLI); this is the launcher's code
 def test_launcher_exits_124_when_a_stopped_worker_hangs_the_run(tmp_path):
     """SIGSTOP freezes rank 1 as a stuck driver call would: rank 0 waits in a collective, its
     watchdog dumps and exits 124, torchrun reports 1, and the launcher reads the marker."""
