@@ -131,7 +131,7 @@ def state_bytes(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.extended), 3])  # ZeRO-2 runs: extended
 def test_zero_shards_state_over_data_parallel_ranks(stage, runs) -> None:
     one = state_bytes(runs(stage, 1)[0] if stage == 3 else runs(stage, 1, 1, "train.max_steps=1")[0])
     two = state_bytes(runs(stage, 2)[0])
