@@ -219,7 +219,8 @@ class Trainer:
             self._announce(self.checkpointer.wait())
             path = self.checkpointer.latest()
         if path is None:
-            log.warning("rollback requested but there is no checkpoint yet; going on") if self.ctx.rank == 0 else None
+            if self.ctx.rank == 0:
+                log.warning("rollback requested but there is no checkpoint yet; going on")
             return
         self.checkpointer.load(path, self.engine, self.checkpoint_parts())
         for callback in self.callbacks:
