@@ -26,10 +26,12 @@ from pathlib import Path
 from kiln.checkpoint.tools import add_ckpt_parser
 from kiln.data.prepare.cli import add_data_parser
 from kiln.errors import KilnConfigError, KilnError
+from kiln.plan.cli import add_plan_parser
 from kiln.slurm import add_slurm_parser
 
 EXIT_CONFIG_ERROR = 2
 PREEMPTED_MARKER = "preempted.json"
+MEMORY_CHECKED = "KILN_MEMORY_CHECKED"  # the launcher ran kiln.plan's memory check; the workers skip theirs
 
 
 def _train_parser(sub) -> None:
@@ -42,6 +44,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume-from", default=None, metavar="PATH",
                    help="start from this checkpoint (step dir or checkpoint dir) if the run has none of its own")
     p.add_argument("--no-resume", action="store_true", help="do not resume from checkpoints in the run directory")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="launch even when kiln plan predicts the layout will not fit the device memory")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts the workers up to N times after a failure")
     p.add_argument("--nnodes", default=None, help="nodes, N or MIN:MAX (multi-node: also --rdzv-endpoint)")
     p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="c10d rendezvous of a multi-node run")
@@ -58,6 +62,8 @@ def _checkpoint_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"checkpoint.resume_from={args.resume_from}")
     if args.no_resume:
         extra.append("checkpoint.resume=false")
+    if getattr(args, "no_memory_check", False):
+        extra.append("train.memory_check=false")
     return extra
 
 
@@ -78,15 +84,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         # A broken layout, machine, tokenizer or dataset stops here, before any process starts.
         nodes = int(str(args.nnodes or 1).split(":")[-1])
         config.layout(args.nproc_per_node * nodes)
-        check_environment(config)
+        device_type = check_environment(config)
         check_data(config.data, config.model)
+        from kiln.plan.planner import check_memory_before_launch
+
+        memory_checked = check_memory_before_launch(config, args.nproc_per_node * nodes, args.nproc_per_node,
+                                                    device_type)
         check_resume_settings(config.checkpoint, config.train.run_dir, engine_class(config.parallel.engine))
         if not config.train.run_dir:  # fixed here so every restart of the workers finds the same run
             from kiln.train import default_run_dir
 
             config.train.run_dir = default_run_dir(config)
             args.overrides.append(f"train.run_dir={config.train.run_dir}")
-        return launch_torchrun(args, config)
+        return launch_torchrun(args, config, memory_checked=memory_checked)
     from kiln.train import run
     from kiln.trainer.preemption import EXIT_PREEMPTED, TrainingPreempted
 
@@ -107,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_torchrun(args: argparse.Namespace, config) -> int:
+def launch_torchrun(args: argparse.Namespace, config, memory_checked: bool = False) -> int:
     """Re-run this command under torchrun's elastic agent; forward stop signals to it.
 
     torchrun is told to handle SIGUSR1 as well as SIGTERM (by default it dies on SIGUSR1,
@@ -135,7 +145,7 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
     launch_id = uuid.uuid4().hex
     from kiln.parallel.backend import worker_environment
 
-    env = dict(os.environ, KILN_LAUNCH_ID=launch_id,
+    env = dict(os.environ, KILN_LAUNCH_ID=launch_id, **({MEMORY_CHECKED: "1"} if memory_checked else {}),
                **worker_environment(config.parallel, config.train.device, config.train.run_dir))
     # With the rendezvous store shared into the workers (torchrun's default), restarted workers
     # read the dead attempt's addresses and fail to connect (pytorch/pytorch#135712).
@@ -187,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     add_data_parser(sub)
     add_ckpt_parser(sub)
     add_slurm_parser(sub)
+    add_plan_parser(sub)
     # Overrides may come after options (`--nproc-per-node 2 optim.lr=1e-3`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]

@@ -315,7 +315,9 @@ class TrainConfig:
     tf32: bool = True
     """precision=fp32 on GPUs: TF32 tensor-core matmuls and convolutions (10-bit mantissa products)."""
     peak_tflops: float | None = None
-    """The accelerator's dense peak TFLOP/s for MFU; None looks the GPU up (kiln.plan.flops.PEAKS)."""
+    """The accelerator's dense peak TFLOP/s for MFU; None looks the GPU up (kiln.plan.hardware.ACCELERATORS)."""
+    memory_check: bool = True
+    """Before launch, refuse a layout kiln.plan predicts will not fit the device memory (`--no-memory-check`: false)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_every", "recompute_num_layers"):

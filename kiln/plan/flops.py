@@ -1,33 +1,16 @@
-"""Training FLOPs per token and accelerator peak throughput, for TFLOP/s and MFU."""
+"""Training FLOPs per token and per step, and accelerator peak throughput, for TFLOP/s and MFU.
+
+Model FLOPs (what MFU counts, Chowdhery et al. 2022, "PaLM", appendix B) are 6 FLOPs per
+parameter per token for the matmuls (2 forward, 4 backward) plus the attention scores; the
+hardware also runs what activation recomputation repeats, which MFU leaves out.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from kiln.config import ModelConfig
-
-# Dense peak FLOP/s (no 2:4 sparsity) of each accelerator, as (bf16, fp8), from NVIDIA's data
-# sheets. Matched against torch.cuda.get_device_name() in this order, so that a variant is
-# found before its family ("H100 PCIe" before "H100", "L40S" before "L40", "GH200" before
-# "H200"). The plain "H100" row is the SXM part (its name is e.g. "NVIDIA H100 80GB HBM3").
-# TF32 (fp32 runs) is half the bf16 peak on every part listed.
-PEAKS: tuple[tuple[str, float, float | None], ...] = (
-    ("GH200", 989e12, 1979e12),
-    ("H100 PCIe", 756e12, 1513e12),
-    ("H100 NVL", 835e12, 1671e12),
-    ("H200 NVL", 835e12, 1671e12),
-    ("H100", 989e12, 1979e12),
-    ("H200", 989e12, 1979e12),
-    ("H800 PCIe", 756e12, 1513e12),
-    ("H800", 989e12, 1979e12),
-    ("B200", 2250e12, 4500e12),
-    ("A100", 312e12, None),
-    ("A800", 312e12, None),
-    ("L40S", 362e12, 733e12),
-    ("L40", 181e12, 362e12),
-    ("L4", 121e12, 242e12),
-)
-
+from kiln.plan.hardware import match_device_name
 
 def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     """6 × (matmul parameters) + attention scores, per trained token (PaLM appendix B).
@@ -58,13 +41,44 @@ def peak_for(device: torch.device, precision: str = "bf16",
     if device.type != "cuda":
         return None, "MFU: not reported on CPU (no peak FLOP/s)"
     name = torch.cuda.get_device_name(device)
-    for key, bf16, fp8 in PEAKS:
-        if key in name:
-            if precision == "fp8":
-                if fp8 is None:
-                    return None, f"MFU: not reported: {name} has no fp8 tensor cores"
-                return fp8, f"MFU against {name} = {key}: {fp8 / 1e12:.0f} TFLOP/s dense fp8"
-            peak, kind = (bf16 / 2, "tf32") if precision == "fp32" else (bf16, precision)
-            return peak, f"MFU against {name} = {key}: {peak / 1e12:.0f} TFLOP/s dense {kind}"
-    return None, (f"MFU: not reported: no peak FLOP/s known for {name} "
-                  f"(add it to kiln.plan.flops.PEAKS; TFLOP/s per GPU is still logged)")
+    row = match_device_name(name)
+    if row is None:
+        return None, (f"MFU: not reported: no peak FLOP/s known for {name} "
+                      f"(add it to kiln.plan.hardware.ACCELERATORS; TFLOP/s per GPU is still logged)")
+    peak = row.peak(precision)
+    if peak is None:
+        return None, f"MFU: not reported: {name} has no fp8 tensor cores"
+    kind = "tf32" if precision == "fp32" else precision
+    return peak, f"MFU against {name} = {row.key}: {peak / 1e12:.0f} TFLOP/s dense {kind}"
+
+
+def recompute_flops_per_token(model: ModelConfig, recompute: str) -> float:
+    """FLOPs per token that activation recomputation adds to a step (not model FLOPs: MFU leaves them out).
+
+    Full recomputation runs every transformer layer's forward again (2 FLOPs per layer parameter
+    plus the 4·h·s of the attention scores); selective recomputation (megatron-core's default
+    ``core_attn``) repeats the attention scores' forward only.
+    """
+    h, layers, s = model.hidden_size, model.num_layers, model.seq_len
+    attention_forward = 4.0 * layers * h * s
+    if recompute == "full":
+        kv = model.query_groups * model.head_dim
+        per_layer = h * h + 2 * h * kv + h * h + 3 * h * model.ffn_size
+        return 2.0 * layers * per_layer + attention_forward
+    return attention_forward if recompute == "selective" else 0.0
+
+
+def narayanan_flops_per_iteration(batch: int, seq_len: int, layers: int, hidden: int, vocab: int,
+                                  *, recompute: bool = True) -> float:
+    """FLOPs of one training iteration of a GPT model (Narayanan et al. 2021, "Efficient Large-Scale
+    Language Model Training on GPU Clusters Using Megatron-LM", section 5.1):
+    96·B·s·l·h²·(1 + s/6h + V/16lh) with full activation recomputation, and, by the same
+    counting, 72·B·s·l·h²·(1 + s/6h + V/12lh) without it.
+
+    kiln's per-token count (:func:`flops_per_token` + :func:`recompute_flops_per_token`) gives
+    the same number for a model of this shape (SwiGLU with ffn = 8h/3 has the 4h GELU MLP's FLOPs).
+    """
+    b, s, l, h, v = batch, seq_len, layers, hidden, vocab
+    if recompute:
+        return 96.0 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    return 72.0 * b * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))

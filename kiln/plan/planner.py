@@ -1,0 +1,259 @@
+"""``kiln plan``: one plan of a config on N GPUs (memory, throughput, compute-optimal size), the
+layouts that fit, and the memory check ``kiln train`` runs before launch.
+
+Everything is arithmetic on the run config and :class:`~kiln.parallel.layout.ParallelLayout`,
+the same ones ``kiln train`` validates, so a layout the planner accepts is one training accepts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+from kiln.config import RunConfig, config_from_dict
+from kiln.errors import KilnConfigError
+from kiln.parallel.layout import ParallelLayout
+from kiln.plan.hardware import Accelerator
+from kiln.plan.memory import MemoryEstimate, estimate_memory, human_bytes
+from kiln.plan.params import count_parameters
+from kiln.plan.performance import EFFICIENCY, Throughput, predict_throughput
+from kiln.plan.scaling import ScalingReport, scaling_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: RunConfig
+    layout: ParallelLayout
+    vocab_size: int
+    memory: MemoryEstimate
+    throughput: Throughput | None
+    """None where the accelerator has no tensor cores for the run's precision."""
+
+    def layout_json(self) -> dict:
+        p, t = self.config.parallel, self.config.train
+        return {"tp": self.layout.tp, "pp": self.layout.pp, "cp": self.layout.cp, "dp": self.layout.dp,
+                "virtual_pp": self.layout.virtual_pp, "engine": p.engine,
+                "zero_stage": p.zero_stage if p.engine == "deepspeed" else None,
+                "distributed_optimizer": self.config.optim.distributed_optimizer if p.engine == "megatron" else None,
+                "sequence_parallel": p.sequence_parallel, "micro_batch_size": t.micro_batch_size,
+                "recompute": t.recompute}
+
+    def memory_json(self) -> dict:
+        m = self.memory
+        return {"stage": m.stage, "bytes": m.items, "total_bytes": m.total, "capacity_bytes": m.capacity,
+                "fits": m.fits, "biggest": m.biggest, "notes": m.notes}
+
+
+def make_plan(config: RunConfig, world_size: int, vocab_size: int, accel: Accelerator, *, device_type: str = "cuda",
+              capacity: int | None = None, efficiency: float = EFFICIENCY) -> Plan:
+    layout = config.layout(world_size)  # raises the KilnConfigError a launch would
+    memory = estimate_memory(config, layout, vocab_size, device_type,
+                             capacity=capacity if capacity is not None else accel.memory_bytes)
+    throughput = None
+    if accel.peak(config.train.precision) is not None:
+        throughput = predict_throughput(config, layout, vocab_size, accel, efficiency)
+    return Plan(config, layout, vocab_size, memory, throughput)
+
+
+def scaling_for(config: RunConfig, vocab_size: int, budget_flops: float | None) -> ScalingReport:
+    params = count_parameters(config.model, vocab_size).total
+    tokens = float(config.train.max_steps * config.train.global_batch_size * config.model.seq_len)
+    return scaling_report(params, tokens, budget_flops)
+
+
+# -- variants of a config -------------------------------------------------------------------------
+def with_overrides(config: RunConfig, overrides: dict[str, object]) -> RunConfig:
+    """A validated copy of ``config`` with dotted settings changed (raises KilnConfigError)."""
+    raw = config.to_dict()
+    return config_from_dict(raw, [f"{key}={_yaml(value)}" for key, value in overrides.items()])
+
+
+def _yaml(value: object) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
+
+
+def search_layouts(config: RunConfig, world_size: int, vocab_size: int, accel: Accelerator, *,
+                   efficiency: float = EFFICIENCY, limit: int | None = None) -> list[Plan]:
+    """Every valid (tp, pp, cp, engine/ZeRO stage, micro-batch, recompute) on ``world_size`` GPUs that
+    is predicted to fit, fastest first. TP stays inside a node; CP only for sequences ≥ 8K."""
+    m, t = config.model, config.train
+    tps = [x for x in _powers_of_two(min(accel.gpus_per_node, world_size)) if m.num_attention_heads % x == 0]
+    pps = [x for x in range(1, min(m.num_layers, world_size) + 1) if world_size % x == 0 and m.num_layers % x == 0]
+    cps = [x for x in _powers_of_two(world_size) if x == 1 or m.seq_len >= 8192]
+    engines = [{"parallel.engine": "megatron", "optim.distributed_optimizer": False},
+               {"parallel.engine": "megatron", "optim.distributed_optimizer": True},
+               *({"parallel.engine": "deepspeed", "parallel.zero_stage": z, "optim.distributed_optimizer": False}
+                 for z in (1, 2, 3)),
+               {"parallel.engine": "fsdp", "optim.distributed_optimizer": False}]
+    micro_batches = [x for x in _powers_of_two(t.global_batch_size) if x <= 16]
+    plans = []
+    for tp, pp, cp, engine, micro, recompute in itertools.product(
+            tps, pps, cps, engines, micro_batches, ("none", "selective", "full")):
+        if world_size % (tp * pp * cp) or (engine["parallel.engine"] != "megatron" and (pp > 1 or cp > 1)):
+            continue
+        settings = {"parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp, "parallel.dp": None,
+                    "parallel.virtual_pp": None, "parallel.sequence_parallel": tp > 1,
+                    "train.micro_batch_size": micro, "train.recompute": recompute, **engine}
+        try:
+            plan = make_plan(with_overrides(config, settings), world_size, vocab_size, accel, efficiency=efficiency)
+        except (KilnConfigError, ValueError):
+            continue  # not a valid layout for this model and batch
+        if plan.memory.fits and plan.throughput is not None:
+            plans.append(plan)
+    plans.sort(key=lambda plan: -plan.throughput.tokens_per_s)
+    return plans[:limit] if limit else plans
+
+
+# -- the check before launch ----------------------------------------------------------------------
+def cheapest_fix(config: RunConfig, world_size: int, vocab_size: int, accel: Accelerator, device_type: str,
+                 capacity: int) -> tuple[str, Plan] | None:
+    """The one-setting change that fits with the best predicted throughput, as (overrides, plan)."""
+    p, t = config.parallel, config.train
+    candidates: list[dict[str, object]] = []
+    if t.recompute != "full":
+        candidates += [{"train.recompute": "selective"}, {"train.recompute": "full"}]
+    micro = t.micro_batch_size // 2
+    while micro >= 1:
+        candidates.append({"train.micro_batch_size": micro})
+        micro //= 2
+    if p.engine == "megatron" and not config.optim.distributed_optimizer:
+        candidates.append({"optim.distributed_optimizer": True})
+    if p.engine == "deepspeed":
+        candidates += [{"parallel.zero_stage": z} for z in range(p.zero_stage + 1, 4)]
+    tp = p.tp * 2
+    while tp <= min(world_size, accel.gpus_per_node):
+        candidates.append({"parallel.tp": tp, "parallel.dp": None, "parallel.sequence_parallel": True})
+        tp *= 2
+    if p.engine == "megatron":
+        pp = p.pp * 2
+        while pp <= world_size:
+            candidates.append({"parallel.pp": pp, "parallel.dp": None, "parallel.virtual_pp": None})
+            pp *= 2
+    fits = []
+    for change in candidates:
+        try:
+            plan = make_plan(with_overrides(config, change), world_size, vocab_size, accel,
+                             device_type=device_type, capacity=capacity)
+        except (KilnConfigError, ValueError):
+            continue
+        if plan.memory.fits:
+            speed = plan.throughput.tokens_per_s if plan.throughput else 0.0
+            fits.append((speed, " ".join(f"{k}={_yaml(v)}" for k, v in change.items()), plan))
+    if not fits:
+        return None
+    _, overrides, plan = max(fits, key=lambda item: item[0])
+    return overrides, plan
+
+
+def check_memory(config: RunConfig, world_size: int, vocab_size: int, accel: Accelerator, device_type: str,
+                 capacity: int, where: str) -> MemoryEstimate:
+    """Raise KilnConfigError when the run is predicted not to fit ``capacity`` bytes per rank,
+    naming the biggest item and the cheapest change that fits."""
+    plan = make_plan(config, world_size, vocab_size, accel, device_type=device_type, capacity=capacity)
+    memory = plan.memory
+    if memory.fits:
+        return memory
+    items = ", ".join(f"{name} {human_bytes(n)}" for name, n in sorted(memory.items.items(), key=lambda kv: -kv[1]) if n)
+    fix = cheapest_fix(config, world_size, vocab_size, accel, device_type, capacity)
+    advice = (f"the cheapest change that fits is {fix[0]} (predicted {human_bytes(fix[1].memory.total)})" if fix
+              else "no single change fits: use more GPUs, or `kiln plan CONFIG --gpus N --search` to see what does")
+    raise KilnConfigError(
+        f"predicted not to fit: {human_bytes(memory.total)} per rank on pipeline stage {memory.stage} > "
+        f"{human_bytes(capacity)} {where}; biggest is {memory.biggest} ({items}); {advice}; "
+        f"`kiln plan CONFIG --gpus {world_size}` shows the whole estimate, --no-memory-check skips this check")
+
+
+# -- device capacity ------------------------------------------------------------------------------
+def host_memory_available() -> int | None:
+    """MemAvailable of this node in bytes (Linux), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def visible_gpus() -> tuple[str, int] | None:
+    """(name, memory bytes of the smallest) of this node's GPUs from nvidia-smi, without creating a
+    CUDA context in the calling process; None without nvidia-smi."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        rows = [line.rsplit(",", 1) for line in out.strip().splitlines() if "," in line]
+        return min(((name.strip(), int(float(mib)) * 2**20) for name, mib in rows), key=lambda row: row[1])
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def check_memory_before_launch(config: RunConfig, world_size: int, procs_per_node: int, device_type: str) -> bool:
+    """``kiln train``'s check, in the launcher: True when it ran (the workers then skip theirs).
+
+    GPUs: each rank against its GPU's memory (nvidia-smi); CPU: the node's available memory shared
+    by its worker processes. Raises KilnConfigError for a layout predicted not to fit.
+    """
+    from kiln.plan.dry_run import resolve_vocab_size
+    from kiln.plan.hardware import ACCELERATORS, match_device_name
+
+    if not config.train.memory_check:
+        return False
+    if device_type == "cuda":
+        gpus = visible_gpus()
+        if gpus is None:
+            return False  # the workers check against torch's view of their device
+        name, capacity = gpus
+        accel, where = match_device_name(name) or ACCELERATORS[0], f"of {name} memory"
+    else:
+        available = host_memory_available()
+        if available is None:
+            return False
+        capacity, accel = available // procs_per_node, _ranking_accelerator()
+        where = f"(this node's available memory {human_bytes(available)} / {procs_per_node} processes)"
+    check_memory(config, world_size, resolve_vocab_size(config.model, config.data), accel, device_type,
+                 capacity, where)
+    return True
+
+
+def check_memory_in_worker(config: RunConfig, world_size: int, vocab_size: int, device) -> None:
+    """The same check in a worker started without ``kiln train``'s launcher (torchrun, srun)."""
+    import os
+
+    from kiln.plan.hardware import match_device_name
+
+    if not config.train.memory_check:
+        return
+    if device.type == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        capacity, where = props.total_memory, f"of {props.name} memory"
+        accel = match_device_name(props.name) or _ranking_accelerator()
+    else:
+        available = host_memory_available()
+        if available is None:
+            return
+        procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        capacity, accel = available // procs, _ranking_accelerator()
+        where = f"(this node's available memory {human_bytes(available)} / {procs} processes)"
+    check_memory(config, world_size, vocab_size, accel, device.type, capacity, where)
+
+
+def _ranking_accelerator() -> Accelerator:
+    """Where the device has no row (CPU), fixes are still ranked by an H100's predicted throughput."""
+    from kiln.plan.hardware import accelerator
+
+    return accelerator("h100")
