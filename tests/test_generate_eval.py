@@ -71,16 +71,22 @@ def test_top_k_1_is_greedy_and_a_seed_repeats_its_draws():
 
 
 # -- bad inputs: exit code 2 and a message naming the fix, before anything starts ---------------
+def needs_the_run(*values):
+    return pytest.param(*values, marks=pytest.mark.slow)  # the run's checkpoint comes from a CLI training
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "{run}", "--prompt", "x", "parallel.pp=2"], "generate runs with parallel.pp=1 cp=1"),
-    (["generate", "{run}", "--prompt", ""], "--prompt is empty"),
+    needs_the_run(["generate", "{run}", "--prompt", "x", "parallel.pp=2"], "generate runs with parallel.pp=1 cp=1"),
+    needs_the_run(["eval", "{run}", "--data", "{not_data}"], "kiln data prepare"),
+    (["generate", "{missing}", "--prompt", ""], "--prompt is empty"),
     (["generate", "{missing}", "--prompt", "x"], "does not exist"),
     (["eval", "{missing}"], "does not exist"),
-    (["eval", "{run}", "--data", "{not_data}"], "kiln data prepare"),
 ])
-def test_bad_inputs_exit_2(run, tmp_path, capsys, argv, message):
+def test_bad_inputs_exit_2(request, tmp_path, capsys, argv, message):
     (tmp_path / "not_data").mkdir()
-    paths = {"run": str(run[0]), "missing": str(tmp_path / "nothing"), "not_data": str(tmp_path / "not_data")}
+    paths = {"missing": str(tmp_path / "nothing"), "not_data": str(tmp_path / "not_data")}
+    if "{run}" in argv:
+        paths["run"] = str(request.getfixturevalue("run")[0])
     assert main([arg.format(**paths) for arg in argv]) == 2
     assert message in capsys.readouterr().err
 
@@ -121,3 +127,17 @@ def test_eval_equals_training_val_loss_under_tp1_and_tp2(run, cache):
     tp2 = evaluate(run_dir, "--data", report["data"], "--max-batches", "8", "--nproc-per-node", "2", "parallel.tp=2",
                    cache=cache)
     assert tp2["loss"] == pytest.approx(report["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_eval_of_an_fsdp_checkpoint_with_the_megatron_engine_under_pp2(tmp_path, cache):
+    """Any engine's checkpoint, any layout: the model tensors have the same names."""
+    from kiln.data.bundled import ensure_bundled_dataset
+
+    val = ensure_bundled_dataset(128, str(cache / "datasets"))
+    metrics = train(tmp_path / "fsdp", 2, *SETTINGS[:1], "train.max_steps=10", "checkpoint.every=10",
+                    "optim.warmup_steps=2", "parallel.engine=fsdp", f"data.val.path={val}", cache_dir=cache)
+    report = evaluate(tmp_path / "fsdp", "--nproc-per-node", "2", "parallel.pp=2", "parallel.engine=megatron",
+                      cache=cache)
+    assert report["loss"] == pytest.approx(metrics[-1]["val_loss"], abs=1e-5)
