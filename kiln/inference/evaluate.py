@@ -36,12 +36,13 @@ def micro_batches_per_rank(opened, data_path: str, max_batches: int | None, dp: 
     from kiln.data.pack import read_meta
 
     config = opened.config
+    in_data = int(read_meta(data_path)["samples"]) // config.train.micro_batch_size
     if max_batches is not None:
-        total = max_batches
+        total = min(max_batches, in_data)  # "at most": the loader would go round the data again
     elif data_path == opened.meta["config"]["data"]["val"]["path"]:
         total = config.data.val.batches * int(opened.meta["layout"]["dp"])  # what training evaluated
     else:
-        total = int(read_meta(data_path)["samples"]) // config.train.micro_batch_size
+        total = in_data
     if total < dp:
         raise KilnConfigError(f"{total} micro-batches cannot be split over {dp} data-parallel ranks; evaluate at least "
                               f"{dp} (--max-batches) or use fewer processes")
