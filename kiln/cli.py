@@ -1,6 +1,7 @@
 """``kiln``: the one console entry point.
 
 ``kiln train CONFIG [key=value ...] [--nproc-per-node N] [--dry-run --world-size N]``
+(also ``kiln generate`` and ``kiln eval`` on a checkpoint: kiln.inference)
 
 Under torchrun (or Slurm's srun with torchrun) it trains on the world it is given. Run directly
 with ``--nproc-per-node N`` it validates the config, then starts torchrun itself (the elastic
@@ -26,6 +27,8 @@ from pathlib import Path
 from kiln.checkpoint.tools import add_ckpt_parser
 from kiln.data.prepare.cli import add_data_parser
 from kiln.errors import KilnConfigError, KilnError
+from kiln.inference.evaluate import add_eval_parser
+from kiln.inference.generate import add_generate_parser
 from kiln.plan.cli import add_plan_parser
 from kiln.slurm import add_slurm_parser
 
@@ -52,7 +55,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--rdzv-id", default=None, help="rendezvous id shared by the nodes (default: $SLURM_JOB_ID)")
 
 
-def _inside_torchrun() -> bool:
+def inside_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
@@ -75,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(config.dry_run_report(args.world_size or args.nproc_per_node or 1))
         return 0
-    if args.nproc_per_node and not _inside_torchrun():
+    if args.nproc_per_node and not inside_torchrun():
         from kiln.checkpoint.manager import check_resume_settings
         from kiln.data.setup import check_data
         from kiln.engine import engine_class
@@ -117,8 +120,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_torchrun(args: argparse.Namespace, config, memory_checked: bool = False) -> int:
+def launch_torchrun(args: argparse.Namespace, config, worker_args: list[str] | None = None,
+                    memory_checked: bool = False) -> int:
     """Re-run this command under torchrun's elastic agent; forward stop signals to it.
+
+    ``worker_args``: the kiln command line each worker runs (default: this ``kiln train``'s).
 
     torchrun is told to handle SIGUSR1 as well as SIGTERM (by default it dies on SIGUSR1,
     orphaning the workers) and to give the workers ``checkpoint.signal_timeout_s`` to save.
@@ -140,7 +146,7 @@ def launch_torchrun(args: argparse.Namespace, config, memory_checked: bool = Fal
         f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts}",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         f"--shutdown-timeout={config.checkpoint.signal_timeout_s}",
-        "-m", "kiln.cli", "train", args.config, *args.overrides,
+        "-m", "kiln.cli", *(worker_args or ["train", args.config, *args.overrides]),
     ]
     launch_id = uuid.uuid4().hex
     from kiln.parallel.backend import worker_environment
@@ -171,6 +177,8 @@ def launch_torchrun(args: argparse.Namespace, config, memory_checked: bool = Fal
     # torchrun reports any worker failure as 1; the workers' markers say why they stopped.
     from kiln.trainer.watchdog import EXIT_HUNG, HUNG_MARKER
 
+    if code == 0 or not config.train.run_dir:  # no run directory (kiln generate, eval): no markers
+        return code
     run_dir = Path(config.train.run_dir)
     if code != 0 and _written_by_launch(run_dir / PREEMPTED_MARKER, launch_id):
         return EXIT_PREEMPTED
@@ -198,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     add_ckpt_parser(sub)
     add_slurm_parser(sub)
     add_plan_parser(sub)
+    add_generate_parser(sub)
+    add_eval_parser(sub)
     # Overrides may come after options (`--nproc-per-node 2 optim.lr=1e-3`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]

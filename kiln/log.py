@@ -13,14 +13,16 @@ from typing import Callable
 logger = logging.getLogger("kiln")
 
 
-def setup_logging(rank: int, log_dir: Path | None = None, all_ranks: bool = False) -> None:
+def setup_logging(rank: int, log_dir: Path | None = None, all_ranks: bool = False, console_stream=None) -> None:
+    """Rank 0's log lines to ``console_stream`` (default stdout; commands that print their result
+    there, such as ``kiln generate``, log to stderr)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("[kiln] %(asctime)s %(message)s", datefmt="%H:%M:%S")
     if rank == 0:
-        console = logging.StreamHandler(sys.stdout)
+        console = logging.StreamHandler(console_stream or sys.stdout)
         console.setFormatter(fmt)
         console.addFilter(lambda record: record.name.startswith("kiln"))
         root.addHandler(console)

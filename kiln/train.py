@@ -45,14 +45,22 @@ def check_environment(config: RunConfig) -> str:
     return device_type
 
 
-def build_run_engine(config: RunConfig, ctx, vocab_size: int):
-    """This rank's model parts, wrapped in the configured engine: the one place an engine is assembled."""
-    from kiln.engine import build_engine
+def build_run_model(config: RunConfig, ctx, vocab_size: int) -> list:
+    """This rank's model chunks as the run config describes them (kernels, FP8, document masks)."""
     from kiln.model.builder import build_model
 
+    return build_model(config.model, config.parallel, config.train, ctx, vocab_size, kernels=config.kernels,
+                       fp8=config.fp8, documents=config.data.reset_attention_at_eos)
+
+
+def build_run_engine(config: RunConfig, ctx, vocab_size: int, model_parts: list | None = None):
+    """This rank's model parts (built here unless given: ``kiln eval`` loads weights into them
+    first), wrapped in the configured engine: the one place an engine is assembled."""
+    from kiln.engine import build_engine
+
     options = config.engine_options()
-    model_parts = build_model(config.model, config.parallel, config.train, ctx, vocab_size, kernels=config.kernels,
-                              fp8=config.fp8, documents=config.data.reset_attention_at_eos)
+    if model_parts is None:
+        model_parts = build_run_model(config, ctx, vocab_size)
     return build_engine(config.parallel.engine, model_parts,
                         model=config.model, optim=config.optim, parallel=config.parallel, train=config.train, ctx=ctx,
                         **({"options": options} if options else {}))

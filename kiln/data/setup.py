@@ -77,24 +77,30 @@ def build_batches(data: DataConfig, train: TrainConfig, model: ModelConfig,
     return iter(loader), vocab_size
 
 
-def build_val_batches(data: DataConfig, train: TrainConfig, ctx) -> list[dict[str, torch.Tensor]] | None:
-    """This rank's validation micro-batches, read once and kept: every evaluation sees the same ones."""
+def build_val_loader(data: DataConfig, train: TrainConfig, ctx):
+    """This rank's stream of validation micro-batches over data.val.path, unshuffled (collective).
+    ``kiln eval`` reads through it too, so its numbers are training's val_loss."""
     from kiln.data.loader import build_train_loader
 
-    val = data.val
-    if not val.path:
-        return None
-    layout = ctx.layout
-    loader = build_train_loader(
-        val.path,
+    return build_train_loader(
+        data.val.path,
         micro_batch_size=train.micro_batch_size,
         seed=train.seed,
         shuffle=False,
         dp_rank=ctx.coords["dp"],
-        dp_size=layout.dp,
-        replication=layout.replica_size,
+        dp_size=ctx.layout.dp,
+        replication=ctx.layout.replica_size,
         documents=data.reset_attention_at_eos,
     )
+
+
+def build_val_batches(data: DataConfig, train: TrainConfig, ctx) -> list[dict[str, torch.Tensor]] | None:
+    """This rank's validation micro-batches, read once and kept: every evaluation sees the same ones."""
+    val = data.val
+    if not val.path:
+        return None
+    layout = ctx.layout
+    loader = build_val_loader(data, train, ctx)
     batches = [next(loader) for _ in range(val.batches)]
     if ctx.rank == 0:
         total = val.batches * train.micro_batch_size * layout.dp

@@ -230,7 +230,7 @@ class MegatronEngine(Engine):
         state = megatron_checkpoint.sharded_state(self.models, self.optimizer, self.ctx.pg_collection.dp_cp,
                                                   is_loading=is_loading)
         if saved is not None:
-            self._kept_extra_state = [_drop_unsaved_extra_state(state[f"model{i}"], saved.tensor_keys)
+            self._kept_extra_state = [drop_unsaved_extra_state(state[f"model{i}"], saved.tensor_keys)
                                       for i in range(len(self.models))]
         return state
 
@@ -256,7 +256,7 @@ class MegatronEngine(Engine):
         load_scheduler_state(self.scheduler, state["scheduler"])
 
 
-def _drop_unsaved_extra_state(model_state: dict[str, Any], saved_keys: frozenset[str]) -> list[str]:
+def drop_unsaved_extra_state(model_state: dict[str, Any], saved_keys: frozenset[str]) -> list[str]:
     """Take out of a load request the ``_extra_state`` objects the checkpoint does not hold; return their names.
 
     Transformer Engine modules carry extra state (their FP8 scaling history) that the local

@@ -43,7 +43,10 @@ class KilnGPTModel(GPTModel):
         self.cross_entropy = cross_entropy
         self.cross_entropy_chunk = cross_entropy_chunk
 
-    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, **unused):
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, *, last_token_logits: bool = False,
+                **unused):
+        """``last_token_logits`` (no labels): logits of the last position only [b, 1, v/tp], which is
+        all sampling needs (the whole [b, s, v/tp] tensor is large at long contexts and big vocabularies)."""
         if unused.get("inference_context") is not None or unused.get("packed_seq_params") is not None:
             raise NotImplementedError("KilnGPTModel.forward is kiln's training forward; it takes neither "
                                       "an inference context nor packed THD parameters")
@@ -55,6 +58,8 @@ class KilnGPTModel(GPTModel):
                               rotary_pos_emb=rotary_frequencies(inv_freq, position_ids))
         if not self.post_process:
             return hidden
+        if last_token_logits:
+            hidden = hidden[-1:]  # [1, b, h]
         return self.language_model_loss(hidden, labels)
 
     def language_model_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
