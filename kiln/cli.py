@@ -34,7 +34,6 @@ from kiln.slurm import add_slurm_parser
 
 EXIT_CONFIG_ERROR = 2
 PREEMPTED_MARKER = "preempted.json"
-MEMORY_CHECKED = "KILN_MEMORY_CHECKED"  # the launcher ran kiln.plan's memory check; the workers skip theirs
 
 
 def _train_parser(sub) -> None:
@@ -89,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.layout(args.nproc_per_node * nodes)
         device_type = check_environment(config)
         check_data(config.data, config.model)
-        from kiln.plan.planner import check_memory_before_launch
+        from kiln.plan.planner import MEMORY_CHECKED, check_memory_before_launch
 
         memory_checked = check_memory_before_launch(config, args.nproc_per_node * nodes, args.nproc_per_node,
                                                     device_type)
@@ -99,7 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             config.train.run_dir = default_run_dir(config)
             args.overrides.append(f"train.run_dir={config.train.run_dir}")
-        return launch_torchrun(args, config, memory_checked=memory_checked)
+        if memory_checked:
+            os.environ[MEMORY_CHECKED] = "1"  # the workers inherit it and skip their own check
+        return launch_torchrun(args, config)
     from kiln.train import run
     from kiln.trainer.preemption import EXIT_PREEMPTED, TrainingPreempted
 
@@ -120,8 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_torchrun(args: argparse.Namespace, config, worker_args: list[str] | None = None,
-                    memory_checked: bool = False) -> int:
+def launch_torchrun(args: argparse.Namespace, config, worker_args: list[str] | None = None) -> int:
     """Re-run this command under torchrun's elastic agent; forward stop signals to it.
 
     ``worker_args``: the kiln command line each worker runs (default: this ``kiln train``'s).
@@ -151,7 +151,7 @@ def launch_torchrun(args: argparse.Namespace, config, worker_args: list[str] | N
     launch_id = uuid.uuid4().hex
     from kiln.parallel.backend import worker_environment
 
-    env = dict(os.environ, KILN_LAUNCH_ID=launch_id, **({MEMORY_CHECKED: "1"} if memory_checked else {}),
+    env = dict(os.environ, KILN_LAUNCH_ID=launch_id,
                **worker_environment(config.parallel, config.train.device, config.train.run_dir))
     # With the rendezvous store shared into the workers (torchrun's default), restarted workers
     # read the dead attempt's addresses and fail to connect (pytorch/pytorch#135712).

@@ -124,9 +124,10 @@ def run(config: RunConfig) -> list[dict]:
         log.info(f"run directory: {run_dir.resolve()}")
         log.info("layout: " + ctx.layout.describe(max_groups=4).replace("\n", "\n[kiln]   "))
         log.info(peak_note)
-    if not os.environ.get("KILN_MEMORY_CHECKED"):  # no launcher checked it (torchrun or srun started us)
+    from kiln.plan.planner import MEMORY_CHECKED, check_memory_in_worker
+
+    if not os.environ.get(MEMORY_CHECKED):  # no launcher checked it (torchrun or srun started us)
         from kiln.plan.dry_run import resolve_vocab_size
-        from kiln.plan.planner import check_memory_in_worker
 
         check_memory_in_worker(config, ctx.layout.world_size, resolve_vocab_size(config.model, config.data), ctx.device)
     checkpointer = CheckpointManager(config.checkpoint, ctx, run_dir, config.model, config.to_dict())

@@ -32,6 +32,7 @@ from kiln.engine import portable_state
 from kiln.engine.base import Engine, SavedEngine, StepResult
 from kiln.engine.flat_shards import FlatShare
 from kiln.engine.forward import TokenBatches, mean_loss
+from kiln.plan.memory import DEEPSPEED_REDUCE_BUCKET
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, param_groups, scheduler_state
 from kiln.errors import KilnConfigError, KilnEnvironmentError
 
@@ -124,7 +125,7 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainC
         # Overlap needs a side stream; on CPU it only adds copies.
         "overlap_comm": cuda,
         "reduce_scatter": True,
-        "reduce_bucket_size": 50_000_000,
+        "reduce_bucket_size": DEEPSPEED_REDUCE_BUCKET,  # allocated whole, however small the model (kiln.plan)
         "allgather_bucket_size": 50_000_000,
     }
     if p.zero_stage == 3:

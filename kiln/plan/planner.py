@@ -21,6 +21,8 @@ from kiln.plan.performance import EFFICIENCY, Throughput, predict_throughput
 from kiln.plan.scaling import ScalingReport, scaling_report
 
 log = logging.getLogger(__name__)
+MEMORY_CHECKED = "KILN_MEMORY_CHECKED"
+"""Set by ``kiln train``'s launcher once it has run the memory check; its workers then skip theirs."""
 
 
 @dataclass(frozen=True)
@@ -171,12 +173,13 @@ def check_memory(config: RunConfig, world_size: int, vocab_size: int, accel: Acc
 
 
 # -- device capacity ------------------------------------------------------------------------------
-def host_memory_available() -> int | None:
-    """MemAvailable of this node in bytes (Linux), None elsewhere."""
+def host_memory() -> int | None:
+    """MemTotal of this node in bytes (Linux), None elsewhere. The total, not what is free now: the
+    check asks whether the run can fit this node, and must not flap with other jobs' usage."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
+                if line.startswith("MemTotal:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -203,7 +206,7 @@ def visible_gpus() -> tuple[str, int] | None:
 def check_memory_before_launch(config: RunConfig, world_size: int, procs_per_node: int, device_type: str) -> bool:
     """``kiln train``'s check, in the launcher: True when it ran (the workers then skip theirs).
 
-    GPUs: each rank against its GPU's memory (nvidia-smi); CPU: the node's available memory shared
+    GPUs: each rank against its GPU's memory (nvidia-smi); CPU: the node's memory shared
     by its worker processes. Raises KilnConfigError for a layout predicted not to fit.
     """
     from kiln.plan.dry_run import resolve_vocab_size
@@ -218,11 +221,11 @@ def check_memory_before_launch(config: RunConfig, world_size: int, procs_per_nod
         name, capacity = gpus
         accel, where = match_device_name(name) or ACCELERATORS[0], f"of {name} memory"
     else:
-        available = host_memory_available()
-        if available is None:
+        node_memory = host_memory()
+        if node_memory is None:
             return False
-        capacity, accel = available // procs_per_node, _ranking_accelerator()
-        where = f"(this node's available memory {human_bytes(available)} / {procs_per_node} processes)"
+        capacity, accel = node_memory // procs_per_node, _ranking_accelerator()
+        where = f"(this node's memory {human_bytes(node_memory)} / {procs_per_node} processes)"
     check_memory(config, world_size, resolve_vocab_size(config.model, config.data), accel, device_type,
                  capacity, where)
     return True
@@ -243,12 +246,12 @@ def check_memory_in_worker(config: RunConfig, world_size: int, vocab_size: int, 
         capacity, where = props.total_memory, f"of {props.name} memory"
         accel = match_device_name(props.name) or _ranking_accelerator()
     else:
-        available = host_memory_available()
-        if available is None:
+        node_memory = host_memory()
+        if node_memory is None:
             return
         procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        capacity, accel = available // procs, _ranking_accelerator()
-        where = f"(this node's available memory {human_bytes(available)} / {procs} processes)"
+        capacity, accel = node_memory // procs, _ranking_accelerator()
+        where = f"(this node's memory {human_bytes(node_memory)} / {procs} processes)"
     check_memory(config, world_size, vocab_size, accel, device.type, capacity, where)
 
 
