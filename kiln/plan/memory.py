@@ -207,6 +207,10 @@ def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, 
                 logits = tokens * local_vocab * (dtype + 4)
             output = final_norm + logits
         buffers = states.pop("gathered")
+        # The gradient reduction runs after backward has freed the activations: its copy counts
+        # only where it outgrows them.
+        reduction = _gloo_reduce_scatter_copy(config, layout, n, params, layers, device_type)
+        buffers += max(0.0, reduction - activations - output)
         if p.engine == "deepspeed":
             # ZeRO's contiguous gradient bucket: reduce_bucket_size elements, however small the model
             buffers += DEEPSPEED_REDUCE_BUCKET * dtype
@@ -222,6 +226,21 @@ def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, 
             notes["allocator_and_context"] = "the worker's interpreter and libraries (no caching allocator on CPU)"
         estimates.append(MemoryEstimate(stage=stage, items=items, capacity=capacity, notes=notes))
     return max(estimates, key=lambda e: e.total)
+
+
+def _gloo_reduce_scatter_copy(config: RunConfig, layout: ParallelLayout, n: int, params: ParamCount, layers: int,
+                              device_type: str) -> float:
+    """gloo has no reduce-scatter of its own: torch all-reduces a copy of the whole input. On CPU that
+    copy is the fp32 gradient buffer (megatron's distributed optimizer, unbucketed on CPU) or the
+    largest FSDP unit's gradients (the root: embedding and output layer)."""
+    if device_type != "cpu" or layout.dp * layout.cp == 1:
+        return 0.0
+    if config.parallel.engine == "megatron" and config.optim.distributed_optimizer:
+        return n * 4.0
+    if config.parallel.engine == "fsdp":
+        layer = (params.per_layer - params.per_layer_norms) / layout.tp + params.per_layer_norms
+        return max(n - layer * layers, layer) * 4.0
+    return 0.0
 
 
 def _recomputed_layer_bytes(config: RunConfig, layout: ParallelLayout, device_type: str) -> float:

@@ -84,11 +84,13 @@ def _powers_of_two(limit: int) -> list[int]:
 def search_layouts(config: RunConfig, world_size: int, vocab_size: int, accel: Accelerator, *,
                    efficiency: float = EFFICIENCY, limit: int | None = None) -> list[Plan]:
     """Every valid (tp, pp, cp, engine/ZeRO stage, micro-batch, recompute) on ``world_size`` GPUs that
-    is predicted to fit, fastest first. TP stays inside a node; CP only for sequences ≥ 8K."""
+    is predicted to fit, fastest first. TP stays inside a node; CP keeps at least 4K tokens per rank."""
     m, t = config.model, config.train
     tps = [x for x in _powers_of_two(min(accel.gpus_per_node, world_size)) if m.num_attention_heads % x == 0]
     pps = [x for x in range(1, min(m.num_layers, world_size) + 1) if world_size % x == 0 and m.num_layers % x == 0]
-    cps = [x for x in _powers_of_two(world_size) if x == 1 or m.seq_len >= 8192]
+    # CP pays off for long sequences only: below ~4K tokens per rank its ring hops and smaller attention
+    # blocks cost more than the roofline sees.
+    cps = [x for x in _powers_of_two(world_size) if x == 1 or m.seq_len // x >= 4096]
     engines = [{"parallel.engine": "megatron", "optim.distributed_optimizer": False},
                {"parallel.engine": "megatron", "optim.distributed_optimizer": True},
                *({"parallel.engine": "deepspeed", "parallel.zero_stage": z, "optim.distributed_optimizer": False}
