@@ -38,6 +38,7 @@ CUDA_CONTEXT_BYTES = int(1.0 * GIB)  # CUDA context, cuBLAS workspaces, NCCL cha
 CPU_RUNTIME_BYTES = int(1.0 * GIB)  # a CPU worker's interpreter and libraries (torch, megatron-core, DeepSpeed)  # CUDA context, cuBLAS workspaces, NCCL channel buffers (outside torch's allocator)
 ALLOCATOR_SLACK = 0.08  # the caching allocator's fragmentation: reserved exceeds allocated by this fraction
 DEEPSPEED_REDUCE_BUCKET = 50_000_000  # elements: kiln.engine.deepspeed's reduce_bucket_size
+DEEPSPEED_MAX_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance default
 ZERO_K = 12  # Adam in mixed precision: fp32 master weights, momentum, variance (4 + 4 + 4 bytes)
 
 
@@ -156,8 +157,11 @@ def _model_states(config: RunConfig, n: int, layout: ParallelLayout, params: Par
         if p.offload_params != "none":
             weights = 0.0
         layer = (params.per_layer - params.per_layer_norms) / layout.tp + params.per_layer_norms
-        states = {"parameters": weights, "gradients": grads, "optimizer": optimizer,
-                  "gathered": 2 * layer * pb if stage == 3 else 0.0}
+        # ZeRO-3 releases a gathered parameter only when its next use is further than
+        # stage3_max_reuse_distance (DeepSpeed's default, 1e9 parameters) away: below that, backward's
+        # reuse keeps every gathered parameter of a forward alive until backward.
+        gathered = (n if n <= DEEPSPEED_MAX_REUSE_DISTANCE else 2 * layer) * pb if stage == 3 else 0.0
+        states = {"parameters": weights, "gradients": grads, "optimizer": optimizer, "gathered": gathered}
         how = f"DeepSpeed ZeRO-{stage} over dp = {dp} (K = {ZERO_K}, fp32 gradients)"
     else:  # fsdp: fp32 shards are the master weights; compute-dtype copies are gathered per unit
         # The root unit (embedding, final norm, output layer) stays gathered from forward to backward,
