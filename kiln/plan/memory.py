@@ -176,6 +176,9 @@ def _model_states(config: RunConfig, n: int, layout: ParallelLayout, params: Par
         if p.offload_params != "none":
             states.update(parameters=0.0, gradients=0.0, optimizer=0.0)
         how = f"FSDP2 over dp = {dp}: fp32 shards, Adam moments sharded, units gathered in {pb} bytes"
+    if train.precision == "fp8" and config.fp8.backend == "te":
+        states["parameters"] += n * 2  # Transformer Engine's fp8 copies of each weight and of its transpose
+        how += "; fp8 weight copies (TE)"
     return states, {"model_states": how}
 
 

@@ -73,6 +73,9 @@ def predict_throughput(config: RunConfig, layout: ParallelLayout, vocab_size: in
     model_flops = per_token * tokens_per_step
     hardware_flops = (per_token + recompute_flops_per_token(m, train.recompute)) * tokens_per_step
     compute = hardware_flops / world / (peak * efficiency)
+    if train.precision == "fp8":  # the attention scores stay in bf16: only the linear layers' GEMMs run in fp8
+        attention = 12.0 * m.num_layers * m.hidden_size * m.seq_len * tokens_per_step / world
+        compute += attention / (accel.peak("bf16") * efficiency) - attention / (peak * efficiency)
 
     layers_per_stage = m.num_layers / pp
     micro_tokens = train.micro_batch_size * m.seq_len / cp
