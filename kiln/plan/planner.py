@@ -212,7 +212,7 @@ def check_memory_before_launch(config: RunConfig, world_size: int, procs_per_nod
     by its worker processes. Raises KilnConfigError for a layout predicted not to fit.
     """
     from kiln.plan.dry_run import resolve_vocab_size
-    from kiln.plan.hardware import ACCELERATORS, match_device_name
+    from kiln.plan.hardware import match_device_name
 
     if not config.train.memory_check:
         return False
@@ -221,7 +221,7 @@ def check_memory_before_launch(config: RunConfig, world_size: int, procs_per_nod
         if gpus is None:
             return False  # the workers check against torch's view of their device
         name, capacity = gpus
-        accel, where = match_device_name(name) or ACCELERATORS[0], f"of {name} memory"
+        accel, where = match_device_name(name) or _ranking_accelerator(), f"of {name} memory"
     else:
         node_memory = host_memory()
         if node_memory is None:
