@@ -107,8 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_torchrun(args: argparse.Namespace, config) -> int:
-    """Re-run this command under torchrun's elastic agent; forward stop signals to it.
+def launch_torchrun(args: argparse.Namespace, config, worker_args: list[str] | None = None) -> int:
+    """Re-run this command (or ``kiln <worker_args>``) under torchrun's elastic agent; forward stop
+    signals to it.
 
     torchrun is told to handle SIGUSR1 as well as SIGTERM (by default it dies on SIGUSR1,
     orphaning the workers) and to give the workers ``checkpoint.signal_timeout_s`` to save.
@@ -130,7 +131,7 @@ def launch_torchrun(args: argparse.Namespace, config) -> int:
         f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts}",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         f"--shutdown-timeout={config.checkpoint.signal_timeout_s}",
-        "-m", "kiln.cli", "train", args.config, *args.overrides,
+        "-m", "kiln.cli", *(worker_args or ["train", args.config, *args.overrides]),
     ]
     launch_id = uuid.uuid4().hex
     from kiln.parallel.backend import worker_environment

@@ -45,14 +45,20 @@ def check_environment(config: RunConfig) -> str:
     return device_type
 
 
-def build_run_engine(config: RunConfig, ctx, vocab_size: int):
-    """This rank's model parts, wrapped in the configured engine: the one place an engine is assembled."""
+def build_run_engine(config: RunConfig, ctx, vocab_size: int, set_weights=None):
+    """This rank's model parts, wrapped in the configured engine: the one place an engine is assembled.
+
+    ``set_weights(model_parts)`` overwrites the initial weights before the engine wraps the parts
+    (``kiln ckpt import``), so every engine's master weights and sharding start from them.
+    """
     from kiln.engine import build_engine
     from kiln.model.builder import build_model
 
     options = config.engine_options()
     model_parts = build_model(config.model, config.parallel, config.train, ctx, vocab_size, kernels=config.kernels,
                               fp8=config.fp8, documents=config.data.reset_attention_at_eos)
+    if set_weights is not None:
+        set_weights(model_parts)
     return build_engine(config.parallel.engine, model_parts,
                         model=config.model, optim=config.optim, parallel=config.parallel, train=config.train, ctx=ctx,
                         **({"options": options} if options else {}))
