@@ -114,33 +114,174 @@ def test_hf_config_refusals_name_the_setting():
 
 
 # -- logits parity ------------------------------------------------------------------------------
-def _kiln_logits_of_hf(rank: int, hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
-    """Build kiln's model (TP=1, CPU) with the HF weights filled in; its logits on ``tokens``."""
+def _kiln_logits_of_hf(rank: int, cases: list[tuple[str, torch.Tensor]]) -> list:
+    """For each (HF directory, tokens): kiln's model (TP=1, CPU) built for its config.json with the HF
+    weights filled in, and its logits on the tokens (numpy: pickled by value, not by shared memory)."""
     from kiln.config import config_from_dict
     from kiln.hf.weights import HFWeights, fill_model_parts
     from kiln.model.builder import build_model
     from kiln.parallel.backend import init_parallel
     from kiln.plan.params import padded_vocab_size
 
-    hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
-    model = llama.model_section_from_hf(hf_config, hf_dir)
-    config = config_from_dict({"model": model}, ["train.precision=fp32", "train.device=cpu"])
-    ctx = init_parallel("cpu", 0, config.layout)
-    (part,) = build_model(config.model, config.parallel, config.train, ctx, model["vocab_size"])
-    shape = llama.LlamaShape.of(config.model, config.model.vocab_size)
-    fill_model_parts([part], HFWeights(Path(hf_dir)), shape, padded_vocab_size(shape.vocab_size, config.model))
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    with torch.no_grad():
-        return part.eval()(tokens, positions)[..., : shape.vocab_size]
+    ctx = None
+    logits = []
+    for hf_dir, tokens in cases:
+        model = llama.model_section_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()), hf_dir)
+        config = config_from_dict({"model": model}, ["train.precision=fp32", "train.device=cpu"])
+        ctx = ctx or init_parallel("cpu", 0, config.layout)
+        (part,) = build_model(config.model, config.parallel, config.train, ctx, model["vocab_size"])
+        shape = llama.LlamaShape.of(config.model, config.model.vocab_size)
+        fill_model_parts([part], HFWeights(Path(hf_dir)), shape, padded_vocab_size(shape.vocab_size, config.model))
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        with torch.no_grad():
+            logits.append(part.eval()(tokens, positions)[..., : shape.vocab_size].numpy())
+    return logits
 
 
-@pytest.mark.parametrize("tie,kv_heads", [(False, 2), (True, 4), (False, 1)])
-def test_imported_weights_give_the_hf_logits(tmp_path, tie, kv_heads):
-    hf = random_llama(tie=tie, num_key_value_heads=kv_heads, vocab_size=1000)
-    hf.save_pretrained(tmp_path)
-    tokens = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
+def test_imported_weights_give_the_hf_logits(tmp_path):
+    """Untied with GQA (2 kv heads), tied without (4), and multi-query (1); vocab 1000 padded to 1024."""
+    cases, want = [], []
+    for tie, kv_heads in [(False, 2), (True, 4), (False, 1)]:
+        hf = random_llama(tie=tie, num_key_value_heads=kv_heads, vocab_size=1000, seed=kv_heads)
+        hf.save_pretrained(tmp_path / f"{tie}-{kv_heads}")
+        tokens = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(kv_heads))
+        with torch.no_grad():
+            want.append(hf(tokens).logits)
+        cases.append((str(tmp_path / f"{tie}-{kv_heads}"), tokens))
+    (got,) = run_distributed(_kiln_logits_of_hf, 1, cases)
+    for case, expected, logits in zip(cases, want, got):
+        assert logits.shape == expected.shape
+        assert (torch.from_numpy(logits) - expected).abs().max() < 1e-4, case[0]
+
+
+# -- the commands -------------------------------------------------------------------------------
+def kiln_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`kiln ARGS` in this process (one-process commands: no second torch import)."""
+    from kiln.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """configs/tiny.yaml's model as a random HF Llama, its final norm zero: every logit is 0, so its loss
+    on any batch is ln(4096), which a run resumed from its import must show at step 1."""
+    model = random_llama(seed=3)
     with torch.no_grad():
-        want = hf(tokens).logits
-    (got,) = run_distributed(_kiln_logits_of_hf, 1, str(tmp_path), tokens)
-    assert got.shape == want.shape
-    assert (got - want).abs().max() < 1e-4
+        model.model.norm.weight.zero_()
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(hf_dir, tmp_path_factory) -> Path:
+    """`kiln ckpt import --hf DIR OUT parallel.tp=2 --nproc-per-node 2`: two TP ranks fill their halves."""
+    from tests.kiln_run import kiln
+
+    out = tmp_path_factory.mktemp("imported") / "ckpt"
+    kiln("ckpt", "import", "--hf", str(hf_dir), str(out), "parallel.tp=2", "--nproc-per-node", "2")
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(imported, tmp_path_factory) -> Path:
+    """Two steps of configs/tiny.yaml (bundled data, one process) from the imported checkpoint."""
+    from tests.kiln_run import train
+
+    base = tmp_path_factory.mktemp("resumed")
+    train(base / "run", 1, "--resume-from", str(imported), "train.max_steps=2", "checkpoint.every=2",
+          "logging.wandb=disabled", "train.global_batch_size=4", "train.log_every=1", cache_dir=base / "cache")
+    return base / "run"
+
+
+@pytest.mark.slow
+def test_hf_to_tp2_checkpoint_to_hf_is_exact(hf_dir, imported, tmp_path, capsys):
+    meta = json.loads((imported / "step_000000" / "kiln.json").read_text())
+    assert meta["layout"]["tp"] == 2 and meta["step"] == 0 and meta["imported"]["format"] == "hf-llama"
+    assert set(meta["parts"]) == {"trainer"}  # no data position: a resumed run starts at its own sample 0
+    code, out, _ = kiln_here(capsys, "ckpt", "export", str(imported), "--hf", str(tmp_path / "back"))
+    assert code == 0 and "in fp32" in out
+    want, got = read_safetensors(hf_dir), read_safetensors(tmp_path / "back")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    source = json.loads((hf_dir / "config.json").read_text())
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())
+    shared = (source.keys() & exported.keys()) - {"torch_dtype", "dtype", "transformers_version"}
+    assert {"hidden_size", "num_key_value_heads", "intermediate_size", "rope_theta", "rms_norm_eps", "vocab_size",
+            "tie_word_embeddings", "max_position_embeddings", "head_dim"} <= shared
+    assert {key: exported[key] for key in shared} == {key: source[key] for key in shared}
+
+
+@pytest.mark.slow
+def test_training_resumes_from_the_import_at_step_0_with_the_hf_weights(resumed):
+    import math
+
+    from tests.kiln_run import read_metrics
+
+    metrics = read_metrics(resumed)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["loss"] == pytest.approx(math.log(4096), rel=1e-5)  # the HF model's loss on any batch
+    meta = json.loads((resumed / "checkpoints" / "step_000002" / "kiln.json").read_text())
+    assert meta["parts"]["trainer"]["consumed_samples"] == 8  # from sample 0: 2 steps × 4
+
+
+@pytest.mark.slow
+def test_export_of_a_trained_checkpoint_loads_in_transformers(resumed, tmp_path, capsys):
+    import transformers
+
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert kiln_here(capsys, "ckpt", "export", str(resumed), "--hf", str(whole))[0] == 0
+    assert kiln_here(capsys, "ckpt", "export", str(resumed), "--hf", str(sharded), "--max-shard-size", "300KB",
+                     "--dtype", "bf16")[0] == 0
+    assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) == 2 * 9 + 3
+    assert len(list(sharded.glob("model-0000?-of-0000?.safetensors"))) > 2
+    model = transformers.LlamaForCausalLM.from_pretrained(whole)
+    halves = transformers.LlamaForCausalLM.from_pretrained(sharded)
+    assert {t.dtype for t in read_safetensors(sharded).values()} == {torch.bfloat16}
+    assert json.loads((sharded / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    for (name, value), (_, half) in zip(model.state_dict().items(), halves.state_dict().items()):
+        assert torch.equal(value.to(torch.bfloat16), half.to(torch.bfloat16)), name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(whole)
+    ids = tokenizer("kiln bakes models", return_tensors="pt")
+    from kiln.data.tokenizer import bundled_tokenizer_path, load_tokenizer
+
+    assert ids["input_ids"][0].tolist() == load_tokenizer(bundled_tokenizer_path()).encode("kiln bakes models")
+    assert tokenizer.eos_token_id == model.config.eos_token_id == 0
+    with torch.no_grad():
+        assert torch.isfinite(model(**ids).logits).all()
+
+
+def test_refuses_an_existing_output(hf_dir, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    for args in (("ckpt", "export", str(tmp_path), "--hf", str(tmp_path / "taken")),
+                 ("ckpt", "import", "--hf", str(hf_dir), str(tmp_path / "taken"))):
+        code, _, err = kiln_here(capsys, *args)
+        assert code == 2 and "already exists; pass --overwrite" in err
+
+
+def test_refuses_a_non_llama_model(tmp_path, capsys):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    code, _, err = kiln_here(capsys, "ckpt", "import", "--hf", str(tmp_path / "gpt2"), str(tmp_path / "out"))
+    assert code == 2 and "'gpt2' model (GPT2LMHeadModel); kiln imports only Llama" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_refuses_a_config_for_another_model(hf_dir, tmp_path, capsys):
+    code, _, err = kiln_here(capsys, "ckpt", "import", "--hf", str(hf_dir), str(tmp_path / "out"), "configs/tiny.yaml",
+                             "model.num_layers=3", "model.rope_theta=500000")
+    assert code == 2
+    assert "model.num_layers: HF model 2, config 3" in err and "model.rope_theta: HF model 10000.0, config 500000" in err
+    assert not (tmp_path / "out").exists()

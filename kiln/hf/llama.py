@@ -287,4 +287,5 @@ def model_section_from_hf(config: dict[str, Any], where: str) -> dict[str, Any]:
         "norm_eps": config.get("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
         "seq_len": config.get("max_position_embeddings", 2048),
+        "init_std": config.get("initializer_range", 0.02),
     }
