@@ -285,3 +285,19 @@ def test_refuses_a_config_for_another_model(hf_dir, tmp_path, capsys):
     assert code == 2
     assert "model.num_layers: HF model 2, config 3" in err and "model.rope_theta: HF model 10000.0, config 500000" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_kiln_never_imports_transformers():
+    """transformers is a test dependency only: the package must run without it."""
+    import ast
+
+    from tests.kiln_run import REPO
+
+    offenders = []
+    for path in sorted((REPO / "kiln").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno}" for name in names
+                          if name.split(".")[0] == "transformers"]
+    assert offenders == []
