@@ -263,12 +263,32 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(resumed, tmp_path,
         assert torch.isfinite(model(**ids).logits).all()
 
 
+@pytest.mark.slow
+def test_one_process_import_for_a_config_and_the_fsdp_engine_exports_back_exactly(hf_dir, tmp_path, capsys):
+    """CONFIG (unset ffn size and vocab: derived, equal to the HF model's), no torchrun, the fsdp
+    engine's own (portable) checkpoint format."""
+    from tests.kiln_run import kiln
+
+    out = tmp_path / "fsdp"
+    kiln("ckpt", "import", "--hf", str(hf_dir), str(out), "configs/tiny.yaml", "parallel.engine=fsdp")
+    meta = json.loads((out / "step_000000" / "kiln.json").read_text())
+    assert meta["engine"]["checkpoint_format"] == "portable" and meta["config"]["model"]["ffn_hidden_size"] is None
+    assert kiln_here(capsys, "ckpt", "export", str(out), "--hf", str(tmp_path / "back"))[0] == 0
+    want, got = read_safetensors(hf_dir), read_safetensors(tmp_path / "back")
+    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
+
+
 def test_refuses_an_existing_output(hf_dir, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     for args in (("ckpt", "export", str(tmp_path), "--hf", str(tmp_path / "taken")),
                  ("ckpt", "import", "--hf", str(hf_dir), str(tmp_path / "taken"))):
         code, _, err = kiln_here(capsys, *args)
         assert code == 2 and "already exists; pass --overwrite" in err
+
+
+def test_export_names_what_is_not_a_checkpoint(tmp_path, capsys):
+    code, _, err = kiln_here(capsys, "ckpt", "export", str(tmp_path), "--hf", str(tmp_path / "out"))
+    assert code == 2 and "holds no checkpoint" in err and not (tmp_path / "out").exists()
 
 
 def test_refuses_a_non_llama_model(tmp_path, capsys):

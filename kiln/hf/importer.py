@@ -17,6 +17,7 @@ its own data, whatever data the import never saw.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -95,39 +96,34 @@ def import_on_this_rank(config: RunConfig, hf_dir: Path) -> None:
     from kiln.hf.weights import HFWeights, fill_model_parts
     from kiln.log import setup_logging
     from kiln.parallel.backend import destroy_parallel, init_parallel, worker_environment
+    from kiln.plan.dry_run import resolve_vocab_size
     from kiln.plan.params import padded_vocab_size
     from kiln.train import build_run_engine, check_environment
     from kiln.trainer.loop import TrainState
 
+    vocab = resolve_vocab_size(config.model, config.data)  # equal to the HF model's (import_config)
+    shape = llama.LlamaShape.of(config.model, vocab)
+    weights = HFWeights(hf_dir)
+    llama.check_hf_names(weights.names(), shape, str(hf_dir))  # before any process group: a plain error
     os.environ.update(worker_environment(config.parallel, config.train.device, config.train.run_dir))
     check_environment(config)
     ctx = init_parallel(config.train.device, config.train.seed, config.layout)
     setup_logging(ctx.rank)
-    from kiln.plan.dry_run import resolve_vocab_size
-
-    vocab = resolve_vocab_size(config.model, config.data)  # equal to the HF model's (import_config)
-    shape = llama.LlamaShape.of(config.model, vocab)
-    weights = HFWeights(hf_dir)
-    llama.check_hf_names(weights.names(), shape, str(hf_dir))
     padded = padded_vocab_size(vocab, config.model, ctx.layout.tp)
-    engine = checkpointer = None
-    try:
+    with contextlib.ExitStack() as cleanup:  # closed in reverse: checkpointer, engine, process groups
+        cleanup.callback(destroy_parallel)
         engine = build_run_engine(config, ctx, vocab,
                                   set_weights=lambda parts: fill_model_parts(parts, weights, shape, padded))
+        cleanup.callback(engine.close)
         checkpointer = CheckpointManager(config.checkpoint, ctx, Path(config.train.run_dir), config.model,
                                          config.to_dict())
+        cleanup.callback(checkpointer.close)
         checkpointer.prepare()
         origin = {"imported": {"from": str(hf_dir.resolve()), "format": "hf-llama"}}
         checkpointer.save(0, engine, {"trainer": TrainState()}, blocking=True, extra_meta=origin)
         if ctx.rank == 0:
             log.info(f"imported {hf_dir} as a {engine.describe(engine.parallel_config)} checkpoint, layout "
                      f"tp={ctx.layout.tp} pp={ctx.layout.pp} dp={ctx.layout.dp}")
-    finally:
-        if checkpointer is not None:
-            checkpointer.close()
-        if engine is not None:
-            engine.close()
-        destroy_parallel()
 
 
 def cmd_import(args: argparse.Namespace) -> int:
