@@ -197,12 +197,13 @@ def imported(hf_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def resumed(imported, tmp_path_factory) -> Path:
-    """Two steps of configs/tiny.yaml (bundled data, one process) from the imported checkpoint."""
-    from tests.kiln_run import train
+    """Two steps of configs/tiny.yaml (bundled data, one process without torchrun) from the imported checkpoint."""
+    from tests.kiln_run import TINY, kiln
 
     base = tmp_path_factory.mktemp("resumed")
-    train(base / "run", 1, "--resume-from", str(imported), "train.max_steps=2", "checkpoint.every=2",
-          "logging.wandb=disabled", "train.global_batch_size=4", "train.log_every=1", cache_dir=base / "cache")
+    kiln("train", TINY, "--resume-from", str(imported), f"train.run_dir={base / 'run'}", "train.max_steps=2",
+         "checkpoint.every=2", "logging.wandb=disabled", "train.global_batch_size=4", "train.log_every=1",
+         cache_dir=base / "cache")
     return base / "run"
 
 
