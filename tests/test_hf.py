@@ -279,6 +279,24 @@ def test_one_process_import_for_a_config_and_the_fsdp_engine_exports_back_exactl
     assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
 
 
+def test_export_takes_the_fp32_master_weights_where_a_checkpoint_keeps_them(tmp_path):
+    """A bf16 run's checkpoint: bf16 working weights, fp32 masters (optimizer.state.fp32_param.*)."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    from kiln.checkpoint import store
+    from kiln.hf.export import exported_weights
+
+    master = torch.randn(8, 4, dtype=torch.float32)
+    state = {"output_layer.weight": master.to(torch.bfloat16), "decoder.final_layernorm.weight": torch.ones(4),
+             "optimizer.state.fp32_param.output_layer.weight": master,
+             "optimizer.state.exp_avg.output_layer.weight": torch.zeros(8, 4)}
+    save(state, storage_writer=FileSystemWriter(str(tmp_path)), no_dist=True)
+    store.write_manifest(tmp_path, 2, store.describe_files(tmp_path, sorted(p.name for p in tmp_path.iterdir())))
+    weights = exported_weights(tmp_path, checksums=True)
+    assert weights.keys() == {"output_layer.weight", "decoder.final_layernorm.weight"}
+    assert weights["output_layer.weight"].dtype == torch.float32 and torch.equal(weights["output_layer.weight"], master)
+
+
 def test_refuses_an_existing_output(hf_dir, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     for args in (("ckpt", "export", str(tmp_path), "--hf", str(tmp_path / "taken")),

@@ -55,6 +55,22 @@ def export_dtype(meta: dict[str, Any], requested: str | None) -> str:
     return precision if precision in DTYPES else "bf16"
 
 
+def exported_weights(step_dir: Path, checksums: bool) -> dict[str, Any]:
+    """The model's full tensors; where the checkpoint keeps fp32 master weights (bf16 or fp16 training),
+    those instead: the working weights are their rounded copies, so ``--dtype fp32`` keeps every bit."""
+    from kiln.engine.portable_state import PREFIX, master_name_in
+
+    master = master_name_in(t.name for t in tools.list_entries(tools.read_dcp_index(step_dir))[0])
+    prefix = f"{PREFIX}.{master}." if master else None
+
+    def wanted(entry: tools.TensorEntry) -> bool:
+        return entry.kind == "model" or (prefix is not None and entry.name.startswith(prefix))
+
+    loaded = tools.load_verified_tensors(step_dir, wanted, checksums, "export")
+    model = {name: tensor for name, tensor in loaded.items() if not name.startswith(tools.OPTIMIZER_PREFIX)}
+    return {name: loaded.get(f"{prefix}{name}", tensor) if prefix else tensor for name, tensor in model.items()}
+
+
 def export_checkpoint(path: Path, out: Path, *, dtype: str | None = None,
                       max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, checksums: bool = True,
                       overwrite: bool = False) -> Exported:
@@ -72,7 +88,7 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str | None = None,
     tokenizer = load_tokenizer(tokenizer_path)  # a missing file stops here, before the tensors load
     shape = llama.LlamaShape.of(model, model.vocab_size or tokenizer.vocab_size)
     dtype = export_dtype(meta, dtype)
-    tensors = tools.load_verified_tensors(step_dir, lambda t: t.kind == "model", checksums, "export")
+    tensors = exported_weights(step_dir, checksums)
     torch_dtype = getattr(torch, TORCH_DTYPE_NAMES[dtype])
     weights = {name: t.to(torch_dtype) for name, t in llama.kiln_to_hf(tensors, shape).items()}
     config = llama.hf_config(model, shape, TORCH_DTYPE_NAMES[dtype], eos_id=tokenizer.eos_id, bos_id=tokenizer.eos_id)
