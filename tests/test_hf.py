@@ -212,6 +212,8 @@ def test_hf_to_tp2_checkpoint_to_hf_is_exact(hf_dir, imported, tmp_path, capsys)
     meta = json.loads((imported / "step_000000" / "kiln.json").read_text())
     assert meta["layout"]["tp"] == 2 and meta["step"] == 0 and meta["imported"]["format"] == "hf-llama"
     assert set(meta["parts"]) == {"trainer"}  # no data position: a resumed run starts at its own sample 0
+    code, out, _ = kiln_here(capsys, "ckpt", "inspect", str(imported))
+    assert code == 0 and f"imported     from {hf_dir} (hf-llama)" in out.splitlines()
     code, out, _ = kiln_here(capsys, "ckpt", "export", str(imported), "--hf", str(tmp_path / "back"))
     assert code == 0 and "in fp32" in out
     want, got = read_safetensors(hf_dir), read_safetensors(tmp_path / "back")
@@ -316,6 +318,12 @@ def test_refuses_a_non_llama_model(tmp_path, capsys):
     code, _, err = kiln_here(capsys, "ckpt", "import", "--hf", str(tmp_path / "gpt2"), str(tmp_path / "out"))
     assert code == 2 and "'gpt2' model (GPT2LMHeadModel); kiln imports only Llama" in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_refuses_a_layout_the_processes_cannot_make(hf_dir, tmp_path, capsys):
+    code, _, err = kiln_here(capsys, "ckpt", "import", "--hf", str(hf_dir), str(tmp_path / "out"), "parallel.tp=2")
+    assert code == 2 and "does not divide world size 1" in err
+    assert not list(tmp_path.iterdir())  # neither OUT nor its staging directory
 
 
 def test_refuses_a_config_for_another_model(hf_dir, tmp_path, capsys):

@@ -193,7 +193,9 @@ class CheckpointManager:
             layout = meta["layout"]
             log.info(f"resumed from {path} (step {saved.step}, saved by the {saved.name} engine with tp={layout['tp']} "
                      f"pp={layout['pp']} dp={layout['dp']}) in {time.perf_counter() - started:.1f}s"
-                     + ("" if with_rng else "; layout changed, so RNG states start fresh"))
+                     + ("" if with_rng else "; layout changed, so RNG states start fresh")
+                     + (f"; weights imported from {meta['imported']['from']}, data from its first sample"
+                        if meta.get("imported") else ""))
         return meta
 
     # -- save ---------------------------------------------------------------------------

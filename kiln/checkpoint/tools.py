@@ -160,6 +160,7 @@ def inspect_checkpoint(path: Path, checksums: bool = True) -> dict[str, Any]:
         "consumed_tokens": meta.get("parts", {}).get("trainer", {}).get("consumed_tokens"),
         "consumed_samples": meta.get("parts", {}).get("trainer", {}).get("consumed_samples"),
         "saved_at": meta.get("saved_at"),
+        "imported": meta.get("imported"),
         "layout": meta.get("layout"),
         "engine": _engine(meta),
         "versions": meta.get("versions"),
@@ -185,6 +186,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"step         {report['step']}",
         f"consumed     {_count(report['consumed_tokens'])} tokens, {_count(report['consumed_samples'])} samples",
         f"saved at     {report['saved_at'] or '?'}",
+        *([f"imported     from {report['imported'].get('from')} ({report['imported'].get('format')})"]
+          if report["imported"] else []),
         f"layout       {_format_layout(report['layout'])}",
         f"engine       {report['engine']}",
         f"versions     {_format_versions(report['versions'])}",

@@ -141,10 +141,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         forced = [*overrides, *worker_overrides(staging)]
         config = import_config(hf_dir, config_path, forced)  # a mismatch stops here, before any process starts
+        config.layout(args.nproc_per_node or 1)  # a layout this many processes cannot make, too
         if args.nproc_per_node:
             from kiln.train import check_environment
 
-            config.layout(args.nproc_per_node)
             check_environment(config)
             worker = ["ckpt", "import", "--hf", str(hf_dir), str(out), *([config_path] if config_path else []), *forced]
             code = launch_torchrun(args, config, worker_args=worker)
