@@ -331,7 +331,9 @@ def test_refuses_a_config_for_another_model(hf_dir, tmp_path, capsys):
                              "model.num_layers=3", "model.rope_theta=500000")
     assert code == 2
     assert "model.num_layers: HF model 2, config 3" in err and "model.rope_theta: HF model 10000.0, config 500000" in err
-    assert not (tmp_path / "out").exists()
+    code, _, err = kiln_here(capsys, "ckpt", "import", "--hf", str(hf_dir), str(tmp_path / "out"), "model.num_layers=3")
+    assert code == 2 and "(the model overrides) describes another model" in err and "leave those overrides out" in err
+    assert not list(tmp_path.iterdir())
 
 
 def test_kiln_never_imports_transformers():

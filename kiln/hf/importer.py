@@ -64,12 +64,12 @@ def import_config(hf_dir: Path, config_path: str | None, overrides: list[str]) -
 
     hf_model = read_hf_model(hf_dir)
     if config_path is None:  # the HF model's settings and precision, kiln's defaults for the rest
-        raw = {"name": hf_dir.resolve().name, "model": hf_model, "train": {"precision": read_hf_precision(hf_dir)}}
-        where = "the overrides"
+        raw = {"name": hf_dir.resolve().name, "model": dict(hf_model), "train": {"precision": read_hf_precision(hf_dir)}}
+        where, fix = "the model overrides", "leave those overrides out"
     else:
         raw = read_yaml_mapping(config_path, hint=" (shipped configs are in configs/)")
         raw.setdefault("name", Path(config_path).stem)
-        where = config_path
+        where, fix = config_path, "leave out CONFIG to take them all from it"
     asked = config_from_dict(raw, overrides)
     diffs = architecture_differences(hf_model, asked.model, "HF model")
     diffs += [f"model.{key}: HF model {hf_model[key]!r}, config {getattr(asked.model, key)!r}"
@@ -79,8 +79,8 @@ def import_config(hf_dir: Path, config_path: str | None, overrides: list[str]) -
         diffs.append(f"vocabulary: HF model {hf_model['vocab_size']}, config {vocab} (model.vocab_size, or "
                      f"data.tokenizer's size when unset; train with the HF model's tokenizer.json)")
     if diffs:
-        raise KilnConfigError(f"{where} describes another model than {hf_dir / HF_CONFIG} ({'; '.join(diffs)}); "
-                              f"set those values to the HF model's, or leave out CONFIG to take them all from it")
+        raise KilnConfigError(f"the run config ({where}) describes another model than {hf_dir / HF_CONFIG} "
+                              f"({'; '.join(diffs)}); set those values to the HF model's, or {fix}")
     return asked
 
 
