@@ -281,6 +281,21 @@ def test_one_process_import_for_a_config_and_the_fsdp_engine_exports_back_exactl
     assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
 
 
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.parametrize("layout", [("parallel.pp=2",), ("parallel.tp=2", "parallel.engine=deepspeed"),
+                                    ("parallel.engine=deepspeed", "parallel.zero_stage=3")])
+def test_tied_model_round_trips_through_more_layouts_and_engines(layout, tmp_path, capsys):
+    """Pipeline stages (the last one's tied output layer), DeepSpeed over TP, ZeRO-3 over DP=2."""
+    from tests.kiln_run import kiln
+
+    random_llama(tie=True, seed=5).save_pretrained(tmp_path / "hf")
+    kiln("ckpt", "import", "--hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), *layout, "--nproc-per-node", "2")
+    assert kiln_here(capsys, "ckpt", "export", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "back"))[0] == 0
+    want, got = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "back")
+    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
+
+
 def test_export_takes_the_fp32_master_weights_where_a_checkpoint_keeps_them(tmp_path):
     """A bf16 run's checkpoint: bf16 working weights, fp32 masters (optimizer.state.fp32_param.*)."""
     from torch.distributed.checkpoint import FileSystemWriter, save
