@@ -322,9 +322,15 @@ def test_refuses_an_existing_output(hf_dir, tmp_path, capsys):
         assert code == 2 and "already exists; pass --overwrite" in err
 
 
-def test_export_names_what_is_not_a_checkpoint(tmp_path, capsys):
+def test_export_names_what_is_not_a_checkpoint_or_a_tokenizer(tmp_path, capsys):
     code, _, err = kiln_here(capsys, "ckpt", "export", str(tmp_path), "--hf", str(tmp_path / "out"))
     assert code == 2 and "holds no checkpoint" in err and not (tmp_path / "out").exists()
+    step = tmp_path / "step_000002"
+    step.mkdir()
+    (step / "kiln.json").write_text(json.dumps({"step": 2, "config": {"model": {}, "data": {}}}))
+    code, _, err = kiln_here(capsys, "ckpt", "export", str(step), "--hf", str(tmp_path / "out"),
+                             "--tokenizer", str(tmp_path / "missing.json"))
+    assert code == 2 and "tokenizer file not found" in err and not (tmp_path / "out").exists()
 
 
 def test_refuses_a_non_llama_model(tmp_path, capsys):

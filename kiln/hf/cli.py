@@ -11,7 +11,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from kiln.hf.export import export_checkpoint
 
     done = export_checkpoint(Path(args.path), Path(args.hf), dtype=args.dtype, max_shard_size=args.max_shard_size,
-                             checksums=not args.no_checksums, overwrite=args.overwrite)
+                             checksums=not args.no_checksums, overwrite=args.overwrite, tokenizer_file=args.tokenizer)
     size = sum((done.out / name).stat().st_size for name in done.files)
     print(f"wrote {done.out}: Hugging Face LlamaForCausalLM, {done.parameters:,} parameters in {done.dtype}, "
           f"{len(done.files)} files ({_human_bytes(size)}) from {done.step_dir}")
@@ -40,6 +40,8 @@ def add_hf_commands(csub, where: str) -> None:
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
                    help=f"split the weights into numbered safetensors files of at most SIZE, e.g. 2GB, 500MiB "
                         f"(default {DEFAULT_MAX_SHARD_SIZE}, as save_pretrained)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="the tokenizer.json to ship (default: the run's data.tokenizer, else kiln's bundled one)")
     p.add_argument("--no-checksums", action="store_true", help="verify file sizes only, not CRC32s, before exporting")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=cmd_export)

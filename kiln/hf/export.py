@@ -73,7 +73,7 @@ def exported_weights(step_dir: Path, checksums: bool) -> dict[str, Any]:
 
 def export_checkpoint(path: Path, out: Path, *, dtype: str | None = None,
                       max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, checksums: bool = True,
-                      overwrite: bool = False) -> Exported:
+                      overwrite: bool = False, tokenizer_file: str | None = None) -> Exported:
     import torch
 
     from kiln.data.tokenizer import EOS_TOKEN, bundled_tokenizer_path, load_tokenizer
@@ -84,7 +84,7 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str | None = None,
     step_dir = tools.resolve_step_dir(path)
     meta = tools.read_kiln_meta(step_dir)
     model = saved_model_config(meta, step_dir)
-    tokenizer_path = meta["config"].get("data", {}).get("tokenizer") or bundled_tokenizer_path()
+    tokenizer_path = tokenizer_file or meta["config"].get("data", {}).get("tokenizer") or bundled_tokenizer_path()
     tokenizer = load_tokenizer(tokenizer_path)  # a missing file stops here, before the tensors load
     shape = llama.LlamaShape.of(model, model.vocab_size or tokenizer.vocab_size)
     dtype = export_dtype(meta, dtype)
