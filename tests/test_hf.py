@@ -327,7 +327,7 @@ def test_export_names_what_is_not_a_checkpoint_or_a_tokenizer(tmp_path, capsys):
     assert code == 2 and "holds no checkpoint" in err and not (tmp_path / "out").exists()
     step = tmp_path / "step_000002"
     step.mkdir()
-    (step / "kiln.json").write_text(json.dumps({"step": 2, "config": {"model": {}, "data": {}}}))
+    (step / "kiln.json").write_text(json.dumps({"step": 2, "parts": {}, "config": {"model": {"num_layers": 2}, "data": {}}}))
     code, _, err = kiln_here(capsys, "ckpt", "export", str(step), "--hf", str(tmp_path / "out"),
                              "--tokenizer", str(tmp_path / "missing.json"))
     assert code == 2 and "tokenizer file not found" in err and not (tmp_path / "out").exists()
