@@ -157,6 +157,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out}: {hf_dir} as a kiln checkpoint at step 0 (tp={config.parallel.tp} pp={config.parallel.pp}, "
-          f"engine {config.parallel.engine}); continue pre-training with "
-          f"`kiln train {config_path or 'CONFIG'} --resume-from {out}`")
+          f"engine {config.parallel.engine}, {config.train.precision}); continue pre-training with "
+          f"`kiln train {config_path or 'CONFIG'} --resume-from {out}`"
+          + ("" if config_path else f", CONFIG with the HF model's settings and train.precision={config.train.precision}"))
     return 0
