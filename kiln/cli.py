@@ -122,7 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def launch_torchrun(args: argparse.Namespace, config, worker_args: list[str] | None = None) -> int:
-    """Re-run this command under torchrun's elastic agent; forward stop signals to it.
+    """Re-run this command (or ``kiln <worker_args>``) under torchrun's elastic agent; forward stop
+    signals to it.
 
     ``worker_args``: the kiln command line each worker runs (default: this ``kiln train``'s).
 

@@ -54,8 +54,11 @@ def build_run_model(config: RunConfig, ctx, vocab_size: int) -> list:
 
 
 def build_run_engine(config: RunConfig, ctx, vocab_size: int, model_parts: list | None = None):
-    """This rank's model parts (built here unless given: ``kiln eval`` loads weights into them
-    first), wrapped in the configured engine: the one place an engine is assembled."""
+    """This rank's model parts, wrapped in the configured engine: the one place an engine is assembled.
+
+    ``model_parts``: parts from :func:`build_run_model` whose weights the caller has set (``kiln eval``
+    loads a checkpoint's, ``kiln ckpt import`` a Hugging Face model's) before the engine wraps them,
+    so every engine's master weights and sharding start from those; None builds them here."""
     from kiln.engine import build_engine
 
     options = config.engine_options()

@@ -193,12 +193,15 @@ class CheckpointManager:
             layout = meta["layout"]
             log.info(f"resumed from {path} (step {saved.step}, saved by the {saved.name} engine with tp={layout['tp']} "
                      f"pp={layout['pp']} dp={layout['dp']}) in {time.perf_counter() - started:.1f}s"
-                     + ("" if with_rng else "; layout changed, so RNG states start fresh"))
+                     + ("" if with_rng else "; layout changed, so RNG states start fresh")
+                     + (f"; weights imported from {meta['imported']['from']}, data from its first sample"
+                        if meta.get("imported") else ""))
         return meta
 
     # -- save ---------------------------------------------------------------------------
-    def save(self, step: int, engine, parts: dict[str, Any], *, blocking: bool = False) -> None:
-        """Checkpoint the engine and every part at ``step`` (collective)."""
+    def save(self, step: int, engine, parts: dict[str, Any], *, blocking: bool = False,
+             extra_meta: dict[str, Any] | None = None) -> None:
+        """Checkpoint the engine and every part at ``step`` (collective); ``extra_meta`` goes into kiln.json."""
         from megatron.core import dist_checkpointing
 
         started = time.perf_counter()
@@ -209,7 +212,7 @@ class CheckpointManager:
             store.remove_stale_partials(self.root)
             partial.mkdir(parents=True)
             ckpt_state.write_metadata(partial, ckpt_state.kiln_metadata(engine, parts, self.ctx.layout,
-                                                                         self.run_config))
+                                                                         self.run_config, extra_meta))
         collectives.barrier()
         sharded = engine.sharded_state_dict(is_loading=False)
         sharded["rng"] = ckpt_state.rng_sharded_object(self.rng, self.ctx.layout, self.ctx.coords, is_loading=False)

@@ -16,6 +16,7 @@ Every part owns its state: this module asks each for ``state_dict()`` and hands 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -31,6 +32,7 @@ KILN_META = "kiln.json"
 # Model settings that change tensor shapes or meaning; a checkpoint only loads if they agree.
 _ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                       "tie_embeddings")
+_RESOLVED = {"num_query_groups": "query_groups", "ffn_hidden_size": "ffn_size"}  # None: a derived value
 
 
 class RNGState:
@@ -71,10 +73,12 @@ def rng_sharded_object(rng: RNGState, layout, coords: dict[str, int], *, is_load
                          (coords["pp"], coords["tp"], coords["cp"]), replica_id=coords["dp"])
 
 
-def kiln_metadata(engine, parts: dict[str, Any], layout, run_config: dict[str, Any]) -> dict[str, Any]:
-    """kiln.json: every part's ``state_dict()``, the engine's small state, layout, config, versions."""
+def kiln_metadata(engine, parts: dict[str, Any], layout, run_config: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """kiln.json: every part's ``state_dict()``, the engine's small state, layout, config, versions
+    (and ``extra``, e.g. where imported weights came from)."""
     part_states = {name: part.state_dict() for name, part in parts.items()}
-    return {
+    return {**(extra or {}),
         "step": part_states["trainer"]["step"],
         "engine": {"name": engine.name, "checkpoint_format": engine.checkpoint_format,
                    "description": engine.describe(engine.parallel_config), "state": engine.state_dict()},
@@ -130,13 +134,26 @@ def same_rng_layout(meta: dict[str, Any], layout) -> bool:
 
 def check_architecture(meta: dict[str, Any], model_config, where: Path) -> None:
     """The checkpoint's model must have the run's shapes; name every difference and the fix."""
-    saved = meta["config"]["model"]
-    current = {k: getattr(model_config, k) for k in _ARCHITECTURE_KEYS}
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    diffs = architecture_differences(meta["config"]["model"], model_config, "checkpoint")
     if diffs:
         raise KilnCheckpointError(
             f"checkpoint {where} was saved from a different model ({'; '.join(diffs)}); "
             f"set those values to the checkpoint's, or start without it (--no-resume and a new train.run_dir)")
+
+
+def architecture_differences(saved_model: dict[str, Any], model_config, source: str) -> list[str]:
+    """``model.<key>: <source> A, config B`` for each shape setting that differs, compared as resolved
+    (an unset num_query_groups or ffn_hidden_size means its derived value, not a different model)."""
+    from kiln.config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved = _architecture(ModelConfig(**{k: v for k, v in saved_model.items() if k in known}))
+    current = _architecture(model_config)
+    return [f"model.{k}: {source} {saved[k]!r}, config {v!r}" for k, v in current.items() if saved[k] != v]
+
+
+def _architecture(model) -> dict[str, Any]:
+    return {key: getattr(model, _RESOLVED.get(key, key)) for key in _ARCHITECTURE_KEYS}
 
 
 def tensor_keys(directory: Path) -> frozenset[str]:

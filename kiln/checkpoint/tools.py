@@ -23,10 +23,11 @@ import argparse
 import json
 import math
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kiln.checkpoint import store  # pure file logic; kiln.checkpoint.state imports torch, so only inside functions
 from kiln.errors import KilnCheckpointError, KilnEnvironmentError
@@ -159,6 +160,7 @@ def inspect_checkpoint(path: Path, checksums: bool = True) -> dict[str, Any]:
         "consumed_tokens": meta.get("parts", {}).get("trainer", {}).get("consumed_tokens"),
         "consumed_samples": meta.get("parts", {}).get("trainer", {}).get("consumed_samples"),
         "saved_at": meta.get("saved_at"),
+        "imported": meta.get("imported"),
         "layout": meta.get("layout"),
         "engine": _engine(meta),
         "versions": meta.get("versions"),
@@ -184,6 +186,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"step         {report['step']}",
         f"consumed     {_count(report['consumed_tokens'])} tokens, {_count(report['consumed_samples'])} samples",
         f"saved at     {report['saved_at'] or '?'}",
+        *([f"imported     from {report['imported'].get('from')} ({report['imported'].get('format')})"]
+          if report["imported"] else []),
         f"layout       {_format_layout(report['layout'])}",
         f"engine       {report['engine']}",
         f"versions     {_format_versions(report['versions'])}",
@@ -268,19 +272,25 @@ def convert_checkpoint(path: Path, out: Path, fmt: str | None = None, include_op
         require_safetensors()  # before minutes of loading, not after
     check_output_path(out, overwrite)
     step_dir = resolve_step_dir(path)
-    verdict = store.verify_checkpoint(step_dir, checksums=checksums)
-    if not verdict.ok:
-        raise KilnCheckpointError(f"checkpoint {step_dir} is damaged ({verdict.reason}); convert writes nothing from "
-                                  f"a damaged checkpoint; {other_steps_hint(step_dir)}")
-    index = read_dcp_index(step_dir)
-    entries = [t for t in list_entries(index)[0] if include_optimizer or t.kind == "model"]
-    if not entries:
-        raise KilnCheckpointError(f"{step_dir} holds no model tensors; is it a kiln/megatron-core checkpoint?")
-    check_fully_covered(index, entries, step_dir)
-    tensors = load_full_tensors(step_dir, entries)
+    tensors = load_verified_tensors(step_dir, lambda t: include_optimizer or t.kind == "model", checksums, "convert")
     meta = read_kiln_meta(step_dir)
     write_atomically(out, lambda tmp: save_tensors(tensors, tmp, fmt, provenance(step_dir, meta)))
     return Converted(out, step_dir, fmt, len(tensors), sum(t.numel() for t in tensors.values()), out.stat().st_size)
+
+
+def load_verified_tensors(step_dir: Path, select: Callable[[TensorEntry], bool], checksums: bool,
+                          command: str) -> dict[str, Any]:
+    """The full tensors ``select`` picks, after the manifest verified and the shards proved complete."""
+    verdict = store.verify_checkpoint(step_dir, checksums=checksums)
+    if not verdict.ok:
+        raise KilnCheckpointError(f"checkpoint {step_dir} is damaged ({verdict.reason}); {command} writes nothing "
+                                  f"from a damaged checkpoint; {other_steps_hint(step_dir)}")
+    index = read_dcp_index(step_dir)
+    entries = [t for t in list_entries(index)[0] if select(t)]
+    if not any(t.kind == "model" for t in entries):
+        raise KilnCheckpointError(f"{step_dir} holds no model tensors; is it a kiln/megatron-core checkpoint?")
+    check_fully_covered(index, entries, step_dir)
+    return load_full_tensors(step_dir, entries)
 
 
 def require_safetensors() -> None:
@@ -347,15 +357,51 @@ def write_atomically(out: Path, write) -> None:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates files 0600; give the usual mode
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        settle_file(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def settle_file(path: Path) -> None:
+    """The usual file mode (safetensors creates files 0600) and the data on disk before a rename."""
+    os.chmod(path, 0o666 & ~current_umask())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh directory beside ``out`` to write into before :func:`publish_dir` renames it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt of this same pid
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out`` (replacing an existing ``out``): a reader sees the old
+    directory or the whole new one, never a half-written one."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            settle_file(path)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise KilnCheckpointError(f"{out} is a file; name a directory to write into")
+    if out.exists() and not overwrite:
+        raise KilnCheckpointError(f"{out} already exists; pass --overwrite to replace it, or choose another directory")
 
 
 def current_umask() -> int:
@@ -375,8 +421,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # -- command line -------------------------------------------------------------------------------
 def add_ckpt_parser(sub) -> None:
-    """Register ``kiln ckpt {inspect,convert}`` on the top-level subparsers."""
-    ckpt = sub.add_parser("ckpt", help="checkpoints: inspect, convert")
+    """Register ``kiln ckpt {inspect,convert,export,import}`` on the top-level subparsers."""
+    from kiln.hf.cli import add_hf_commands
+
+    ckpt = sub.add_parser("ckpt", help="checkpoints: inspect, convert, export/import Hugging Face Llama")
     csub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     where = ("a step directory (…/checkpoints/step_000100), or a checkpoint or run directory "
              "(then its `latest` step)")
@@ -397,3 +445,5 @@ def add_ckpt_parser(sub) -> None:
     p.add_argument("--no-checksums", action="store_true", help="verify file sizes only, not CRC32s, before converting")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=cmd_convert)
+
+    add_hf_commands(csub, where)

@@ -84,6 +84,19 @@ def ensure_adam_state(optimizer) -> None:
                                                  if on_device else torch.tensor(0.0))
 
 
+def _restore_zero_step(state: Any) -> None:
+    """megatron-core saves torch Adam's shared step only when it is truthy (``if step:``), so a
+    checkpoint from before the first step (``kiln ckpt import``) has none, and torch's Adam
+    refuses per-parameter states without one: give them the step 0 they were saved at."""
+    if isinstance(state, dict) and "param_groups" in state and isinstance(state.get("state"), dict):
+        params = state["state"]
+        if "common_step" not in params and any("step" not in value for value in params.values()):
+            params["common_step"] = torch.tensor(0.0)
+        return
+    for value in (state.values() if isinstance(state, dict) else ()):
+        _restore_zero_step(value)
+
+
 def _unshare_steps(optimizer) -> None:
     """megatron-core restores torch Adam's ``step`` as one tensor shared by every parameter, so
     each optimizer step would advance it once per parameter: give each its own copy."""
@@ -128,8 +141,9 @@ def spread_writes(model_state: dict[str, Any], dp_rank: int, dp_size: int) -> No
 # -- the engine's sharded state ----------------------------------------------------------------
 def sharded_state(models, optimizer, dp_group, *, is_loading: bool) -> dict[str, Any]:
     """``{"model<i>": …, "optimizer": …}`` of the megatron engine (see the module docstring)."""
-    if is_loading:
-        ensure_adam_state(optimizer)
+    # Loading fills the state in place; a save before the first step (`kiln ckpt import`, a stop
+    # signal at once) must still hold the moments a load asks for.
+    ensure_adam_state(optimizer)
     state: dict[str, Any] = {f"model{i}": model.module.sharded_state_dict() for i, model in enumerate(models)}
     if not is_loading:
         spread_writes(state, dp_group.rank(), dp_group.size())
@@ -197,6 +211,8 @@ def load_sharded_state(models, optimizer, loaded: dict[str, Any]) -> None:
         model.module.load_state_dict(loaded[f"model{index}"])
     inners = _inner_optimizers(optimizer)
     if not all(_is_distributed(inner) for inner in inners):
+        if all(keeps_step_per_param(inner.optimizer) for inner in inners):
+            _restore_zero_step(loaded["optimizer"])
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_steps(optimizer)
         return
