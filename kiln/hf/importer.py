@@ -128,13 +128,13 @@ def import_on_this_rank(config: RunConfig, hf_dir: Path) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from kiln.cli import _inside_torchrun, launch_torchrun
+    from kiln.cli import inside_torchrun, launch_torchrun
 
     hf_dir, out = Path(args.hf), Path(args.out)
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
         config_path, overrides = None, [config_path, *overrides]  # `import --hf DIR OUT parallel.tp=2`
-    if _inside_torchrun():  # a worker: the launcher chose the staging directory (checkpoint.dir)
+    if inside_torchrun():  # a worker: the launcher chose the staging directory (checkpoint.dir)
         import_on_this_rank(import_config(hf_dir, config_path, overrides), hf_dir)
         return 0
     tools.check_output_dir(out, args.overwrite)
