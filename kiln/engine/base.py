@@ -58,6 +58,50 @@ class SavedEngine:
     """The names of the tensors it holds (from its DCP metadata)."""
 
 
+@dataclass(frozen=True)
+class RankShare:
+    """One rank's share of the model, as kiln.plan describes it to an engine sizing its state."""
+
+    parameters: float
+    """Parameters this rank holds, TP-sharded (on its pipeline stage)."""
+    per_layer: float
+    """Of which one transformer layer."""
+    layers: int
+    """Transformer layers on this rank."""
+    dp: int
+    cp: int
+    param_bytes: int
+    """Bytes of a weight in the training dtype."""
+    half: bool
+    """bf16/fp16/fp8 training: optimizers keep fp32 master weights."""
+    device_type: str
+
+    @property
+    def outside_layers(self) -> float:
+        """The embedding, final norm and output layer on this rank."""
+        return self.parameters - self.per_layer * self.layers
+
+
+@dataclass(frozen=True)
+class PlannedState:
+    """An engine's bytes per rank for :class:`RankShare`, and its data-parallel traffic per step."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    buffers: float
+    """Alive through forward and backward: gathered parameters, communication buckets."""
+    reduction_copy: float
+    """Made by the gradient reduction after backward (gloo's reduce-scatter copies its input)."""
+    gradient_traffic: float
+    """Bytes each rank reduces over DP per step, before the ring's (dp − 1)/dp."""
+    parameter_traffic: float
+    """Bytes each rank all-gathers over DP per step (sharded parameters or optimizer)."""
+    overlapped: bool
+    """The reduction overlaps backward."""
+    description: str
+
+
 class Engine(abc.ABC):
     """One rank's training engine. Subclasses register in :mod:`kiln.engine` by ``name``."""
 
@@ -106,6 +150,27 @@ class Engine(abc.ABC):
     def describe(cls, parallel: ParallelConfig) -> str:
         """A few words for the dry run and the start-up log."""
         return cls.name
+
+    # -- planning (class level: kiln.plan sizes a run before anything is built) ------------
+    @classmethod
+    @abc.abstractmethod
+    def plan_state(cls, share: RankShare, parallel: ParallelConfig, optim: OptimConfig) -> PlannedState:
+        """Bytes per rank of parameters, gradients, optimizer state and buffers, and DP traffic."""
+
+    @classmethod
+    def plan_settings(cls, parallel: ParallelConfig, optim: OptimConfig) -> dict[str, Any]:
+        """The settings that change this engine's memory, for ``kiln plan --json``."""
+        return {}
+
+    @classmethod
+    def plan_variants(cls) -> list[dict[str, Any]]:
+        """Dotted overrides of each way to run this engine that ``kiln plan --search`` tries."""
+        return [{"parallel.engine": cls.name}]
+
+    @classmethod
+    def memory_saving_changes(cls, parallel: ParallelConfig, optim: OptimConfig) -> list[dict[str, Any]]:
+        """Dotted overrides that shrink this engine's state, for the memory check's advice."""
+        return []
 
     # -- training ----------------------------------------------------------------------
     @property

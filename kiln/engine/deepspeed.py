@@ -29,14 +29,16 @@ import torch.distributed as dist
 
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine import portable_state
-from kiln.engine.base import Engine, SavedEngine, StepResult
+from kiln.engine.base import Engine, PlannedState, RankShare, SavedEngine, StepResult
 from kiln.engine.flat_shards import FlatShare
 from kiln.engine.forward import TokenBatches, mean_loss
-from kiln.plan.memory import DEEPSPEED_REDUCE_BUCKET
+from kiln.plan.memory import ZERO_K, zero_model_state_bytes
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, param_groups, scheduler_state
 from kiln.errors import KilnConfigError, KilnEnvironmentError
 
 log = logging.getLogger("kiln")
+REDUCE_BUCKET = 50_000_000  # elements: ZeRO allocates this gradient bucket whole, however small the model
+MAX_REUSE_DISTANCE = 1_000_000_000  # ZeRO-3 keeps a gathered parameter whose next use is nearer than this
 
 
 def use_cpu_accelerator(device: torch.device) -> None:
@@ -125,14 +127,15 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainC
         # Overlap needs a side stream; on CPU it only adds copies.
         "overlap_comm": cuda,
         "reduce_scatter": True,
-        "reduce_bucket_size": DEEPSPEED_REDUCE_BUCKET,  # allocated whole, however small the model (kiln.plan)
+        "reduce_bucket_size": REDUCE_BUCKET,
         "allgather_bucket_size": 50_000_000,
     }
     if p.zero_stage == 3:
         # Keep small parameters (norm gains) whole on every rank; below this many elements a
         # gather costs more than the memory it saves.
         zero.update({"stage3_param_persistence_threshold": 10_000, "stage3_max_live_parameters": 1_000_000_000,
-                     "stage3_prefetch_bucket_size": 50_000_000, "stage3_gather_16bit_weights_on_model_save": False})
+                     "stage3_prefetch_bucket_size": 50_000_000, "stage3_max_reuse_distance": MAX_REUSE_DISTANCE,
+                     "stage3_gather_16bit_weights_on_model_save": False})
     if p.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(p.offload_optimizer, p, cuda)
     if p.offload_params != "none":
@@ -221,6 +224,41 @@ class DeepSpeedEngine(Engine):
             return ("ZeRO-3 gathers each submodule's parameters in its own hooks; set parallel.zero_stage=1 or 2, "
                     "or use parallel.engine=fsdp (its hooks wrap whole layers)")
         return None
+
+    @classmethod
+    def plan_state(cls, share: RankShare, parallel: ParallelConfig, optim: OptimConfig) -> PlannedState:
+        """ZeRO's accounting (Rajbhandari et al. 2020) with DeepSpeed's bytes: fp32 master partitions
+        even in fp32 (K = 12), gradients reduced and kept in fp32, the whole reduce bucket allocated
+        however small the model, and ZeRO-3's gathered parameters kept from forward to backward
+        while their reuse is within stage3_max_reuse_distance."""
+        n, dp, stage, pb = share.parameters, share.dp, parallel.zero_stage, share.param_bytes
+        weights, _, optimizer = zero_model_state_bytes(n, dp, stage, k=ZERO_K, param_bytes=pb)
+        if parallel.offload_optimizer != "none":
+            optimizer = 0.0
+        if parallel.offload_params != "none":
+            weights = 0.0
+        gathered = 0.0
+        if stage == 3:
+            gathered = (n if n <= MAX_REUSE_DISTANCE else 2 * share.per_layer) * pb
+        return PlannedState(
+            parameters=weights, gradients=n * 4 / (dp if stage >= 2 else 1), optimizer=optimizer,
+            buffers=gathered + REDUCE_BUCKET * pb, reduction_copy=0.0,
+            gradient_traffic=n * 4 * (2 if stage == 1 else 1), parameter_traffic=n * pb * (2 if stage == 3 else 1),
+            overlapped=True, description=f"DeepSpeed ZeRO-{stage} over dp = {dp} (K = {ZERO_K}, fp32 gradients)")
+
+    @classmethod
+    def plan_settings(cls, parallel: ParallelConfig, optim: OptimConfig) -> dict[str, Any]:
+        return {"zero_stage": parallel.zero_stage, "offload_optimizer": parallel.offload_optimizer,
+                "offload_params": parallel.offload_params}
+
+    @classmethod
+    def plan_variants(cls) -> list[dict[str, Any]]:
+        return [{"parallel.engine": cls.name, "parallel.zero_stage": stage, "optim.distributed_optimizer": False}
+                for stage in (1, 2, 3)]
+
+    @classmethod
+    def memory_saving_changes(cls, parallel: ParallelConfig, optim: OptimConfig) -> list[dict[str, Any]]:
+        return [{"parallel.zero_stage": stage} for stage in range(parallel.zero_stage + 1, 4)]
 
     @classmethod
     def describe(cls, parallel: ParallelConfig) -> str:

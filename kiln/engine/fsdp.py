@@ -23,7 +23,7 @@ import torch
 
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
 from kiln.engine import portable_state
-from kiln.engine.base import Engine, SavedEngine, StepResult
+from kiln.engine.base import Engine, PlannedState, RankShare, SavedEngine, StepResult
 from kiln.engine.flat_shards import FlatShare
 from kiln.engine.forward import TokenBatches, mean_loss
 from kiln.engine.schedule import build_lr_scheduler, load_scheduler_state, param_groups, scheduler_state
@@ -72,6 +72,36 @@ class FSDPEngine(Engine):
         check(not optim.distributed_optimizer,
               "optim.distributed_optimizer is megatron's ZeRO-1; fsdp already shards parameters, gradients and "
               "optimizer states: set optim.distributed_optimizer=false")
+
+    @classmethod
+    def plan_state(cls, share: RankShare, parallel: ParallelConfig, optim: OptimConfig) -> PlannedState:
+        """fp32 shards (the master weights), their gradients and Adam's moments, all over dp. The root
+        unit (embedding, final norm, output layer) stays gathered from forward to backward, and its
+        unsharded gradient (in the weight dtype, reduced in fp32) exists at once; each layer is
+        gathered while it runs (two at a time with prefetching), or every layer from forward to
+        backward with reshard_after_forward=false. On CPU gloo reduce-scatters a copy of each unit's
+        gradient, the root's the largest."""
+        n, dp, pb, root = share.parameters, share.dp, share.param_bytes, share.outside_layers
+        gathered_layers = share.layers if not parallel.reshard_after_forward else min(2, share.layers)
+        buffers = (root + share.per_layer * gathered_layers) * pb + root * (pb + 4)
+        sharded = n / dp if parallel.offload_params == "none" else 0.0
+        copy = max(root, share.per_layer) * 4 if share.device_type == "cpu" and dp > 1 else 0.0
+        return PlannedState(
+            parameters=sharded * 4, gradients=sharded * 4, optimizer=sharded * 8, buffers=buffers,
+            reduction_copy=copy, gradient_traffic=n * 4, parameter_traffic=2 * n * pb, overlapped=True,
+            description=f"FSDP2 over dp = {dp}: fp32 shards, Adam moments sharded, units gathered in {pb} bytes")
+
+    @classmethod
+    def plan_settings(cls, parallel: ParallelConfig, optim: OptimConfig) -> dict[str, Any]:
+        return {"reshard_after_forward": parallel.reshard_after_forward, "offload_params": parallel.offload_params}
+
+    @classmethod
+    def plan_variants(cls) -> list[dict[str, Any]]:
+        return [{"parallel.engine": cls.name, "optim.distributed_optimizer": False}]
+
+    @classmethod
+    def memory_saving_changes(cls, parallel: ParallelConfig, optim: OptimConfig) -> list[dict[str, Any]]:
+        return [] if parallel.reshard_after_forward else [{"parallel.reshard_after_forward": True}]
 
     @classmethod
     def describe(cls, parallel: ParallelConfig) -> str:

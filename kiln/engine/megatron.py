@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kiln.config import OptimConfig, ParallelConfig, TrainConfig
-from kiln.engine.base import Engine, SavedEngine, StepResult
+from kiln.engine.base import Engine, PlannedState, RankShare, SavedEngine, StepResult
 from kiln.engine.forward import TokenBatches, mean_loss
 from kiln.engine import megatron_checkpoint
 from kiln.engine.megatron_checkpoint import optimizer_step_count
@@ -64,6 +64,36 @@ class MegatronEngine(Engine):
     @classmethod
     def describe(cls, parallel: ParallelConfig) -> str:
         return cls.name
+
+    @classmethod
+    def plan_state(cls, share: RankShare, parallel: ParallelConfig, optim: OptimConfig) -> PlannedState:
+        """Weights in the training dtype, the contiguous fp32 gradient buffer (grad_reduce_in_fp32), Adam's
+        two moments plus fp32 masters of half-precision weights (fp32 runs step the weights themselves),
+        sharded over dp × cp by the distributed optimizer."""
+        n, distributed = share.parameters, optim.distributed_optimizer
+        shards = share.dp * share.cp if distributed else 1
+        per_param = 8 + (4 if share.half else 0)
+        # On CPU the gradient buffer is one bucket, and gloo reduce-scatters a copy of it.
+        copy = n * 4 if distributed and shards > 1 and share.device_type == "cpu" else 0.0
+        return PlannedState(
+            parameters=n * share.param_bytes, gradients=n * 4, optimizer=n * per_param / shards, buffers=0.0,
+            reduction_copy=copy, gradient_traffic=n * 4 * (1 if distributed else 2),
+            parameter_traffic=n * share.param_bytes if distributed else 0.0, overlapped=parallel.overlap_grad_reduce,
+            description=f"megatron-core DDP: {share.param_bytes}-byte weights, fp32 gradient buffer; Adam "
+                        + (f"(fp32 masters + 2 moments) over dp×cp = {shards} (distributed optimizer)" if shards > 1
+                           else f"{per_param} bytes per parameter"))
+
+    @classmethod
+    def plan_settings(cls, parallel: ParallelConfig, optim: OptimConfig) -> dict[str, Any]:
+        return {"distributed_optimizer": optim.distributed_optimizer}
+
+    @classmethod
+    def plan_variants(cls) -> list[dict[str, Any]]:
+        return [{"parallel.engine": cls.name, "optim.distributed_optimizer": sharded} for sharded in (False, True)]
+
+    @classmethod
+    def memory_saving_changes(cls, parallel: ParallelConfig, optim: OptimConfig) -> list[dict[str, Any]]:
+        return [] if optim.distributed_optimizer else [{"optim.distributed_optimizer": True}]
 
     def __init__(self, model_parts: list[torch.nn.Module], **sections) -> None:
         super().__init__(**sections)

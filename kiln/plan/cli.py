@@ -3,7 +3,8 @@
 The JSON (``--json``) has these keys:
 
 * ``config``, ``gpus``, ``gpu`` (the accelerator row: name, peak, memory, bandwidths);
-* ``layout``: tp, pp, cp, dp, virtual_pp, engine, zero_stage, distributed_optimizer,
+* ``layout``: tp, pp, cp, dp, virtual_pp, engine, engine_description, engine_settings (the
+  engine's memory settings: distributed_optimizer; zero_stage and offloads; reshard_after_forward),
   sequence_parallel, micro_batch_size, recompute;
 * ``parameters``: total, non_embedding, per_rank (per pipeline stage);
 * ``memory``: ``bytes`` per component (parameters, gradients, optimizer, activations,
@@ -102,8 +103,8 @@ def plan_json(plan, accel: Accelerator, gpus: int, scaling, found) -> dict:
 
 def format_plan(r: dict) -> str:
     lay, mem, thr, sc = r["layout"], r["memory"], r["throughput"], r["scaling"]
-    engine = lay["engine"] + (f" ZeRO-{lay['zero_stage']}" if lay["zero_stage"] else "") + (
-        " + distributed optimizer" if lay["distributed_optimizer"] else "")
+    engine = lay["engine_description"] + (" + distributed optimizer" if lay["engine_settings"].get(
+        "distributed_optimizer") else "")
     lines = [
         f"kiln plan: {r['config']} on {r['gpus']} × {r['gpu']['name']} ({r['gpu']['memory_bytes'] / GIB:.1f} GiB each)",
         f"  layout tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']}"
@@ -115,7 +116,7 @@ def format_plan(r: dict) -> str:
         f"memory per GPU (pipeline stage {mem['stage']}, the fullest)",
     ]
     for name, n in mem["bytes"].items():
-        note = mem["notes"].get(name) or (mem["notes"].get("model_states") if name == "optimizer" else None)
+        note = mem["notes"].get(name)
         lines.append(f"  {name:<22} {human_bytes(n):>12}" + (f"   {note}" if note else ""))
     verdict = "fits" if mem["fits"] else f"DOES NOT FIT (biggest: {mem['biggest']})"
     lines.append(f"  {'total':<22} {human_bytes(mem['total_bytes']):>12}   of {human_bytes(mem['capacity_bytes'])}: {verdict}")
@@ -148,8 +149,9 @@ def format_plan(r: dict) -> str:
         lines += ["", f"layouts that fit, fastest first ({len(r['search'])} shown)"]
         for row in r["search"]:
             l = row["layout"]
-            name = l["engine"] + (f"-z{l['zero_stage']}" if l["zero_stage"] else "") + (
-                "+do" if l["distributed_optimizer"] else "")
+            settings = l["engine_settings"]
+            name = l["engine"] + (f"-z{settings['zero_stage']}" if "zero_stage" in settings else "") + (
+                "+do" if settings.get("distributed_optimizer") else "")
             lines.append(f"  tp={l['tp']} pp={l['pp']} cp={l['cp']} dp={l['dp']} {name:<14} mb={l['micro_batch_size']:<2} "
                          f"recompute={l['recompute']:<9} {human_bytes(row['memory_total_bytes']):>10}  "
                          f"{row['tokens_per_s']:>12,.0f} tok/s  MFU {row['mfu']:.1%}")

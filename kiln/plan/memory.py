@@ -26,9 +26,11 @@ Four parts, on the pipeline stage that needs the most:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kiln.config import RunConfig
+from kiln.engine import engine_class
+from kiln.engine.base import PlannedState, RankShare
 from kiln.parallel.layout import ParallelLayout
 from kiln.plan.params import ParamCount, count_parameters
 
@@ -37,8 +39,6 @@ GIB = 2**30
 CUDA_CONTEXT_BYTES = int(1.0 * GIB)  # CUDA context, cuBLAS workspaces, NCCL channel buffers (outside torch's allocator)
 CPU_RUNTIME_BYTES = int(1.0 * GIB)  # a CPU worker's interpreter and libraries (torch, megatron-core, DeepSpeed)  # CUDA context, cuBLAS workspaces, NCCL channel buffers (outside torch's allocator)
 ALLOCATOR_SLACK = 0.08  # the caching allocator's fragmentation: reserved exceeds allocated by this fraction
-DEEPSPEED_REDUCE_BUCKET = 50_000_000  # elements: kiln.engine.deepspeed's reduce_bucket_size
-DEEPSPEED_MAX_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance default
 ZERO_K = 12  # Adam in mixed precision: fp32 master weights, momentum, variance (4 + 4 + 4 bytes)
 
 
@@ -133,59 +133,29 @@ def in_flight_layer_microbatches(config: RunConfig, layout: ParallelLayout, stag
     return layers / v * chunks_in_flight
 
 
-def _model_states(config: RunConfig, n: int, layout: ParallelLayout, params: ParamCount, layers: int
-                  ) -> tuple[dict[str, float], dict[str, str]]:
-    """Parameter, gradient, optimizer and parameter-gathering bytes of the ``n`` parameters of a rank
-    holding ``layers`` transformer layers."""
-    p, train, optim = config.parallel, config.train, config.optim
-    half = train.precision != "fp32"
-    pb = _dtype_bytes(train.precision)
-    dp = layout.dp
-    if p.engine == "megatron":
-        shards = layout.dp * layout.cp if optim.distributed_optimizer else 1
-        master = 4 if half else 0  # fp32 runs step the weights themselves (the distributed optimizer: views)
-        states = {"parameters": n * pb, "gradients": n * 4, "optimizer": n * (8 + master) / shards, "gathered": 0.0}
-        how = (f"megatron-core DDP: {pb}-byte weights, fp32 gradient buffer; Adam "
-               + (f"(fp32 masters + 2 moments) over dp×cp = {shards} (distributed optimizer)" if shards > 1
-                  else f"{8 + master} bytes per parameter"))
-    elif p.engine == "deepspeed":
-        stage = p.zero_stage
-        weights, _, optimizer = zero_model_state_bytes(n, dp, stage, k=ZERO_K, param_bytes=pb)
-        grads = n * 4 / (dp if stage >= 2 else 1)  # ZeRO reduces and keeps gradients in fp32
-        if p.offload_optimizer != "none":
-            optimizer = 0.0
-        if p.offload_params != "none":
-            weights = 0.0
-        layer = (params.per_layer - params.per_layer_norms) / layout.tp + params.per_layer_norms
-        # ZeRO-3 releases a gathered parameter only when its next use is further than
-        # stage3_max_reuse_distance (DeepSpeed's default, 1e9 parameters) away: below that, backward's
-        # reuse keeps every gathered parameter of a forward alive until backward.
-        gathered = (n if n <= DEEPSPEED_MAX_REUSE_DISTANCE else 2 * layer) * pb if stage == 3 else 0.0
-        states = {"parameters": weights, "gradients": grads, "optimizer": optimizer, "gathered": gathered}
-        how = f"DeepSpeed ZeRO-{stage} over dp = {dp} (K = {ZERO_K}, fp32 gradients)"
-    else:  # fsdp: fp32 shards are the master weights; compute-dtype copies are gathered per unit
-        # The root unit (embedding, final norm, output layer) stays gathered from forward to backward,
-        # and its unsharded gradient (computed in the parameter dtype, reduced in fp32) exists at once;
-        # each layer is gathered while it runs (two at a time with prefetching), or all of them from
-        # forward to backward with reshard_after_forward=false.
-        layer = (params.per_layer - params.per_layer_norms) / layout.tp + params.per_layer_norms
-        root = n - layer * layers
-        gathered_layers = layers if not p.reshard_after_forward else min(2, layers)
-        gathered = (root + layer * gathered_layers) * pb + root * (pb + 4)
-        states = {"parameters": n * 4 / dp, "gradients": n * 4 / dp, "optimizer": n * 8 / dp, "gathered": gathered}
-        if p.offload_params != "none":
-            states.update(parameters=0.0, gradients=0.0, optimizer=0.0)
-        how = f"FSDP2 over dp = {dp}: fp32 shards, Adam moments sharded, units gathered in {pb} bytes"
-    if train.precision == "fp8" and config.fp8.backend == "te":
-        states["parameters"] += n * 2  # Transformer Engine's fp8 copies of each weight and of its transpose
-        how += "; fp8 weight copies (TE)"
-    return states, {"model_states": how}
+def rank_share(config: RunConfig, layout: ParallelLayout, params: ParamCount, n: float, layers: int,
+               device_type: str) -> RankShare:
+    """What the engine needs to size its state on a rank holding ``n`` parameters and ``layers`` layers."""
+    return RankShare(parameters=n, per_layer=(params.per_layer - params.per_layer_norms) / layout.tp
+                     + params.per_layer_norms, layers=layers, dp=layout.dp, cp=layout.cp,
+                     param_bytes=_dtype_bytes(config.train.precision), half=config.train.precision != "fp32",
+                     device_type=device_type)
+
+
+def planned_state(config: RunConfig, share: RankShare) -> PlannedState:
+    """The engine's state for ``share``, plus what the run's precision adds."""
+    state = engine_class(config.parallel.engine).plan_state(share, config.parallel, config.optim)
+    if config.train.precision == "fp8" and config.fp8.backend == "te":
+        # Transformer Engine keeps an fp8 copy of each weight and of its transpose
+        state = replace(state, parameters=state.parameters + share.parameters * 2,
+                        description=state.description + "; fp8 weight copies (TE)")
+    return state
 
 
 def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, device_type: str = "cuda",
                     capacity: int | None = None) -> MemoryEstimate:
     """Peak bytes per device of ``config`` on ``layout``: the worst pipeline stage."""
-    m, train, p, kernels = config.model, config.train, config.parallel, config.kernels
+    m, train, kernels = config.model, config.train, config.kernels
     params = count_parameters(m, vocab_size, tp=layout.tp)
     per_rank = params.per_rank(layout)
     stage_layers = [sum(end - start for start, end in chunks) for chunks in layout.stage_layers(m.num_layers)]
@@ -194,7 +164,8 @@ def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, 
     layer_bytes = layer_activation_bytes(config, layout, device_type)
     estimates = []
     for stage, (n, layers) in enumerate(zip(per_rank, stage_layers)):
-        states, notes = _model_states(config, n, layout, params, layers)
+        state = planned_state(config, rank_share(config, layout, params, n, layers, device_type))
+        notes = {"optimizer": state.description}
         activations = layer_bytes * in_flight_layer_microbatches(config, layout, stage, layers)
         if train.recompute == "full":
             activations += _recomputed_layer_bytes(config, layout, device_type)
@@ -213,16 +184,11 @@ def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, 
             else:  # megatron-core keeps the logits and their fp32 softmax from the loss to its backward
                 logits = tokens * local_vocab * (dtype + 4)
             output = final_norm + logits
-        buffers = states.pop("gathered")
         # The gradient reduction runs after backward has freed the activations: its copy counts
         # only where it outgrows them.
-        reduction = _gloo_reduce_scatter_copy(config, layout, n, params, layers, device_type)
-        buffers += max(0.0, reduction - activations - output)
-        if p.engine == "deepspeed":
-            # ZeRO's contiguous gradient bucket: reduce_bucket_size elements, however small the model
-            buffers += DEEPSPEED_REDUCE_BUCKET * dtype
-        items = {"parameters": int(states["parameters"]), "gradients": int(states["gradients"]),
-                 "optimizer": int(states["optimizer"]), "activations": int(activations),
+        buffers = state.buffers + max(0.0, state.reduction_copy - activations - output)
+        items = {"parameters": int(state.parameters), "gradients": int(state.gradients),
+                 "optimizer": int(state.optimizer), "activations": int(activations),
                  "output_and_loss": int(output), "buffers": int(buffers), "allocator_and_context": 0}
         if device_type == "cuda":
             items["allocator_and_context"] = int(ALLOCATOR_SLACK * sum(items.values()) + CUDA_CONTEXT_BYTES)
@@ -233,21 +199,6 @@ def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, 
             notes["allocator_and_context"] = "the worker's interpreter and libraries (no caching allocator on CPU)"
         estimates.append(MemoryEstimate(stage=stage, items=items, capacity=capacity, notes=notes))
     return max(estimates, key=lambda e: e.total)
-
-
-def _gloo_reduce_scatter_copy(config: RunConfig, layout: ParallelLayout, n: int, params: ParamCount, layers: int,
-                              device_type: str) -> float:
-    """gloo has no reduce-scatter of its own: torch all-reduces a copy of the whole input. On CPU that
-    copy is the fp32 gradient buffer (megatron's distributed optimizer, unbucketed on CPU) or the
-    largest FSDP unit's gradients (the root: embedding and output layer)."""
-    if device_type != "cpu" or layout.dp * layout.cp == 1:
-        return 0.0
-    if config.parallel.engine == "megatron" and config.optim.distributed_optimizer:
-        return n * 4.0
-    if config.parallel.engine == "fsdp":
-        layer = (params.per_layer - params.per_layer_norms) / layout.tp + params.per_layer_norms
-        return max(n - layer * layers, layer) * 4.0
-    return 0.0
 
 
 def _recomputed_layer_bytes(config: RunConfig, layout: ParallelLayout, device_type: str) -> float:

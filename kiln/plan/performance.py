@@ -27,6 +27,7 @@ from kiln.config import RunConfig
 from kiln.parallel.layout import ParallelLayout
 from kiln.plan.flops import flops_per_token, recompute_flops_per_token
 from kiln.plan.hardware import Accelerator
+from kiln.plan.memory import planned_state, rank_share
 from kiln.plan.params import count_parameters
 
 EFFICIENCY = 0.55
@@ -60,7 +61,7 @@ def _bandwidth(group_span: int, accel: Accelerator) -> float:
 
 def predict_throughput(config: RunConfig, layout: ParallelLayout, vocab_size: int, accel: Accelerator,
                        efficiency: float = EFFICIENCY) -> Throughput:
-    m, p, train, optim = config.model, config.parallel, config.train, config.optim
+    m, p, train = config.model, config.parallel, config.train
     peak = accel.peak(train.precision)
     if peak is None:
         raise ValueError(f"{accel.name} has no {train.precision} tensor cores")
@@ -94,21 +95,13 @@ def predict_throughput(config: RunConfig, layout: ParallelLayout, vocab_size: in
     bubble = (pp - 1) / (micro * vpp) * (compute + tp_comm + cp_exposed) if pp > 1 else 0.0
 
     params = count_parameters(m, vocab_size, tp=tp)
-    n = max(params.per_rank(layout))
-    dp_bw = _bandwidth(world, accel) if dp > 1 else float("inf")
+    stage_layers = [sum(end - start for start, end in chunks) for chunks in layout.stage_layers(m.num_layers)]
+    n, layers = max(zip(params.per_rank(layout), stage_layers))
+    state = planned_state(config, rank_share(config, layout, params, n, layers, "cuda"))
     ring = (dp - 1) / dp if dp > 1 else 0.0
-    sharded_params = p.engine == "fsdp" or (p.engine == "deepspeed" and p.zero_stage == 3)
-    sharded_optimizer = p.engine != "megatron" or optim.distributed_optimizer
-    # all-reduce = reduce-scatter + all-gather: twice the bytes of either
-    all_reduced = (p.engine == "megatron" and not optim.distributed_optimizer) or (
-        p.engine == "deepspeed" and p.zero_stage == 1)
-    grads = n * 4 * ring / dp_bw * (2 if all_reduced else 1)
-    gathers = n * dtype * ring / dp_bw * (2 if sharded_params else 1 if sharded_optimizer else 0)
-    dp_comm = grads + gathers
-    overlapped = p.engine != "megatron" or p.overlap_grad_reduce
-    dp_exposed = max(0.0, dp_comm - 2 / 3 * compute) if overlapped else dp_comm
-    state_bytes = n * (12 if train.precision != "fp32" else 8) / (dp if sharded_optimizer else 1)
-    optimizer = OPTIMIZER_PASSES * state_bytes / (accel.hbm_gbps * 1e9)
+    dp_comm = (state.gradient_traffic + state.parameter_traffic) * ring / _bandwidth(world, accel)
+    dp_exposed = max(0.0, dp_comm - 2 / 3 * compute) if state.overlapped else dp_comm
+    optimizer = OPTIMIZER_PASSES * state.optimizer / (accel.hbm_gbps * 1e9)
     step = compute + tp_comm + cp_exposed + bubble + dp_exposed + optimizer
     return Throughput(
         flops_per_token=per_token, model_flops_per_step=model_flops, hardware_flops_per_step=hardware_flops,
@@ -120,6 +113,6 @@ def predict_throughput(config: RunConfig, layout: ParallelLayout, vocab_size: in
                      "nvlink_gbps": accel.nvlink_gbps, "network_gbps": accel.network_gbps,
                      "hbm_gbps": accel.hbm_gbps, "gpus_per_node": accel.gpus_per_node,
                      "tp_overlap": TP_OVERLAP if p.tp_comm_overlap else 0.0,
-                     "dp_overlap": "with backward (2/3 of compute)" if overlapped else "none",
+                     "dp_overlap": "with backward (2/3 of compute)" if state.overlapped else "none",
                      "pipeline_bubble": f"(p-1)/(m*v) = ({pp}-1)/({micro}*{vpp})"},
     )

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from kiln.config import RunConfig, config_from_dict
+from kiln.engine import ENGINES, engine_class
 from kiln.errors import KilnConfigError
 from kiln.parallel.layout import ParallelLayout
 from kiln.plan.hardware import Accelerator
@@ -36,10 +37,10 @@ class Plan:
 
     def layout_json(self) -> dict:
         p, t = self.config.parallel, self.config.train
+        engine = engine_class(p.engine)
         return {"tp": self.layout.tp, "pp": self.layout.pp, "cp": self.layout.cp, "dp": self.layout.dp,
-                "virtual_pp": self.layout.virtual_pp, "engine": p.engine,
-                "zero_stage": p.zero_stage if p.engine == "deepspeed" else None,
-                "distributed_optimizer": self.config.optim.distributed_optimizer if p.engine == "megatron" else None,
+                "virtual_pp": self.layout.virtual_pp, "engine": p.engine, "engine_description": engine.describe(p),
+                "engine_settings": engine.plan_settings(p, self.config.optim),
                 "sequence_parallel": p.sequence_parallel, "micro_batch_size": t.micro_batch_size,
                 "recompute": t.recompute}
 
@@ -91,16 +92,12 @@ def search_layouts(config: RunConfig, world_size: int, vocab_size: int, accel: A
     # CP pays off for long sequences only: below ~4K tokens per rank its ring hops and smaller attention
     # blocks cost more than the roofline sees.
     cps = [x for x in _powers_of_two(world_size) if x == 1 or m.seq_len // x >= 4096]
-    engines = [{"parallel.engine": "megatron", "optim.distributed_optimizer": False},
-               {"parallel.engine": "megatron", "optim.distributed_optimizer": True},
-               *({"parallel.engine": "deepspeed", "parallel.zero_stage": z, "optim.distributed_optimizer": False}
-                 for z in (1, 2, 3)),
-               {"parallel.engine": "fsdp", "optim.distributed_optimizer": False}]
+    engines = [variant for name in ENGINES for variant in engine_class(name).plan_variants()]
     micro_batches = [x for x in _powers_of_two(t.global_batch_size) if x <= 16]
     plans = []
     for tp, pp, cp, engine, micro, recompute in itertools.product(
             tps, pps, cps, engines, micro_batches, ("none", "selective", "full")):
-        if world_size % (tp * pp * cp) or (engine["parallel.engine"] != "megatron" and (pp > 1 or cp > 1)):
+        if world_size % (tp * pp * cp):
             continue
         settings = {"parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp, "parallel.dp": None,
                     "parallel.virtual_pp": None, "parallel.sequence_parallel": tp > 1,
@@ -108,7 +105,7 @@ def search_layouts(config: RunConfig, world_size: int, vocab_size: int, accel: A
         try:
             plan = make_plan(with_overrides(config, settings), world_size, vocab_size, accel, efficiency=efficiency)
         except (KilnConfigError, ValueError):
-            continue  # not a valid layout for this model and batch
+            continue  # not a valid layout for this model, batch or engine
         if plan.memory.fits and plan.throughput is not None:
             plans.append(plan)
     plans.sort(key=lambda plan: -plan.throughput.tokens_per_s)
@@ -127,19 +124,15 @@ def cheapest_fix(config: RunConfig, world_size: int, vocab_size: int, accel: Acc
     while micro >= 1:
         candidates.append({"train.micro_batch_size": micro})
         micro //= 2
-    if p.engine == "megatron" and not config.optim.distributed_optimizer:
-        candidates.append({"optim.distributed_optimizer": True})
-    if p.engine == "deepspeed":
-        candidates += [{"parallel.zero_stage": z} for z in range(p.zero_stage + 1, 4)]
+    candidates += engine_class(p.engine).memory_saving_changes(p, config.optim)
     tp = p.tp * 2
     while tp <= min(world_size, accel.gpus_per_node):
         candidates.append({"parallel.tp": tp, "parallel.dp": None, "parallel.sequence_parallel": True})
         tp *= 2
-    if p.engine == "megatron":
-        pp = p.pp * 2
-        while pp <= world_size:
-            candidates.append({"parallel.pp": pp, "parallel.dp": None, "parallel.virtual_pp": None})
-            pp *= 2
+    pp = p.pp * 2
+    while pp <= world_size:  # engines without pipelines refuse these in validation
+        candidates.append({"parallel.pp": pp, "parallel.dp": None, "parallel.virtual_pp": None})
+        pp *= 2
     fits = []
     for change in candidates:
         try:
