@@ -129,6 +129,48 @@ def test_eval_equals_training_val_loss_under_tp1_and_tp2(run, cache):
     assert tp2["loss"] == pytest.approx(report["loss"], abs=1e-5)
 
 
+def _transformers_val_losses(rank: int, step_dir: str, hf_dir: str) -> list[float]:
+    """This data-parallel rank's validation micro-batches, as training read them, scored by transformers."""
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM
+
+    from kiln.checkpoint.state import read_metadata
+    from kiln.config import config_from_dict
+    from kiln.data.setup import build_val_batches
+    from kiln.parallel.backend import destroy_parallel, init_parallel
+
+    config = config_from_dict(read_metadata(Path(step_dir))["config"], ["train.device=cpu"])
+    ctx = init_parallel("cpu", config.train.seed, config.layout)
+    try:
+        batches = build_val_batches(config.data, config.train, ctx)
+    finally:
+        destroy_parallel()
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            tokens = batch["tokens"]
+            logits = model(input_ids=tokens[:, :-1]).logits
+            losses.append(float(F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())))
+    return losses
+
+
+@pytest.mark.slow
+def test_exported_checkpoint_scores_the_validation_data_in_transformers_as_kiln_eval_does(run, cache, tmp_path):
+    from tests.distributed import run_distributed
+
+    run_dir, val_loss = run
+    report = evaluate(run_dir, cache=cache)
+    hf_dir = tmp_path / "hf"
+    kiln("ckpt", "export", str(run_dir), "--hf", str(hf_dir), "--dtype", "fp32", cache_dir=cache)
+    step_dir = next((run_dir / "checkpoints").glob("step_*"))
+    per_rank = run_distributed(_transformers_val_losses, 2, str(step_dir), str(hf_dir))  # dp = 2, as in training
+    losses = [loss for rank in per_rank for loss in rank]
+    assert len(losses) == report["micro_batches"]
+    assert sum(losses) / len(losses) == pytest.approx(report["loss"], abs=1e-4)
+    assert report["loss"] == pytest.approx(val_loss, abs=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.extended
 def test_eval_of_an_fsdp_checkpoint_with_the_megatron_engine_under_pp2(tmp_path, cache):
