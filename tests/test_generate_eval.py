@@ -156,6 +156,7 @@ def _transformers_val_losses(rank: int, step_dir: str, hf_dir: str) -> list[floa
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_exported_checkpoint_scores_the_validation_data_in_transformers_as_kiln_eval_does(run, cache, tmp_path):
     from tests.distributed import run_distributed
 

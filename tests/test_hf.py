@@ -267,6 +267,7 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(resumed, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_one_process_import_for_a_config_and_the_fsdp_engine_exports_back_exactly(hf_dir, tmp_path, capsys):
     """CONFIG (unset ffn size and vocab: derived, equal to the HF model's), no torchrun, the fsdp
     engine's own (portable) checkpoint format."""
