@@ -37,7 +37,7 @@ from kiln.plan.params import ParamCount, count_parameters
 GB = 1e9  # the ZeRO paper's unit
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(1.0 * GIB)  # CUDA context, cuBLAS workspaces, NCCL channel buffers (outside torch's allocator)
-CPU_RUNTIME_BYTES = int(1.0 * GIB)  # a CPU worker's interpreter and libraries (torch, megatron-core, DeepSpeed)  # CUDA context, cuBLAS workspaces, NCCL channel buffers (outside torch's allocator)
+CPU_RUNTIME_BYTES = int(0.5 * GIB)  # a CPU worker's own memory for its interpreter and libraries (their code pages are shared)
 ALLOCATOR_SLACK = 0.08  # the caching allocator's fragmentation: reserved exceeds allocated by this fraction
 ZERO_K = 12  # Adam in mixed precision: fp32 master weights, momentum, variance (4 + 4 + 4 bytes)
 
