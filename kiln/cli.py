@@ -181,9 +181,9 @@ def launch_torchrun(args: argparse.Namespace, config, worker_args: list[str] | N
     if code == 0 or not config.train.run_dir:  # no run directory (kiln generate, eval): no markers
         return code
     run_dir = Path(config.train.run_dir)
-    if code != 0 and _written_by_launch(run_dir / PREEMPTED_MARKER, launch_id):
+    if _written_by_launch(run_dir / PREEMPTED_MARKER, launch_id):
         return EXIT_PREEMPTED
-    if code != 0 and _written_by_launch(run_dir / HUNG_MARKER, launch_id):
+    if _written_by_launch(run_dir / HUNG_MARKER, launch_id):
         return EXIT_HUNG
     return code
 

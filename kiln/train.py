@@ -103,6 +103,7 @@ def run(config: RunConfig) -> list[dict]:
     from kiln.parallel import collectives
     from kiln.parallel.backend import destroy_parallel, init_parallel, worker_environment
     from kiln.plan.flops import flops_per_token, peak_for
+    from kiln.plan.planner import MEMORY_CHECKED, check_memory_in_worker
     from kiln.trainer.callbacks import build_callbacks
     from kiln.trainer.garbage import ScheduledGarbageCollection
     from kiln.trainer.loop import Trainer
@@ -127,12 +128,6 @@ def run(config: RunConfig) -> list[dict]:
         log.info(f"run directory: {run_dir.resolve()}")
         log.info("layout: " + ctx.layout.describe(max_groups=4).replace("\n", "\n[kiln]   "))
         log.info(peak_note)
-    from kiln.plan.planner import MEMORY_CHECKED, check_memory_in_worker
-
-    if not os.environ.get(MEMORY_CHECKED):  # no launcher checked it (torchrun or srun started us)
-        from kiln.plan.dry_run import resolve_vocab_size
-
-        check_memory_in_worker(config, ctx.layout.world_size, resolve_vocab_size(config.model, config.data), ctx.device)
     checkpointer = CheckpointManager(config.checkpoint, ctx, run_dir, config.model, config.to_dict())
     checkpointer.prepare()
     resume_from = checkpointer.find_resume_point()  # before building anything: a bad one stops here
@@ -140,6 +135,8 @@ def run(config: RunConfig) -> list[dict]:
     trainer = batches = engine = None
     try:
         batches, vocab_size = build_batches(config.data, config.train, config.model, ctx)
+        if not os.environ.get(MEMORY_CHECKED):  # no launcher checked it (torchrun or srun started us)
+            check_memory_in_worker(config, ctx.layout.world_size, vocab_size, ctx.device)
         engine = build_run_engine(config, ctx, vocab_size)
         report_state_bytes(engine, ctx, run_dir)
         trainer = Trainer(

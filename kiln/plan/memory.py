@@ -80,7 +80,12 @@ class MemoryEstimate:
         return max(self.items, key=self.items.get)
 
 
-def _dtype_bytes(precision: str) -> int:
+def layers_per_stage(layout: ParallelLayout, num_layers: int) -> list[int]:
+    """Transformer layers on each pipeline rank (all its virtual chunks)."""
+    return [sum(end - start for start, end in chunks) for chunks in layout.stage_layers(num_layers)]
+
+
+def dtype_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2  # fp8 runs keep bf16 weights and activations between GEMMs
 
 
@@ -95,7 +100,7 @@ def layer_activation_bytes(config: RunConfig, layout: ParallelLayout, device_typ
     tokens = train.micro_batch_size * m.seq_len / layout.cp
     h, f, a, g, d = m.hidden_size, m.ffn_size, m.num_attention_heads, m.query_groups, m.head_dim
     t = layout.tp
-    dtype = _dtype_bytes(train.precision)
+    dtype = dtype_bytes(train.precision)
     if train.recompute == "full":
         # Only each layer's input stays (sharded with SP); backward re-runs one layer at a time,
         # whose activations are the transient counted by :func:`estimate_memory`.
@@ -138,7 +143,7 @@ def rank_share(config: RunConfig, layout: ParallelLayout, params: ParamCount, n:
     """What the engine needs to size its state on a rank holding ``n`` parameters and ``layers`` layers."""
     return RankShare(parameters=n, per_layer=(params.per_layer - params.per_layer_norms) / layout.tp
                      + params.per_layer_norms, layers=layers, dp=layout.dp, cp=layout.cp,
-                     param_bytes=_dtype_bytes(config.train.precision), half=config.train.precision != "fp32",
+                     param_bytes=dtype_bytes(config.train.precision), half=config.train.precision != "fp32",
                      device_type=device_type)
 
 
@@ -158,8 +163,8 @@ def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, 
     m, train, kernels = config.model, config.train, config.kernels
     params = count_parameters(m, vocab_size, tp=layout.tp)
     per_rank = params.per_rank(layout)
-    stage_layers = [sum(end - start for start, end in chunks) for chunks in layout.stage_layers(m.num_layers)]
-    dtype = _dtype_bytes(train.precision)
+    stage_layers = layers_per_stage(layout, m.num_layers)
+    dtype = dtype_bytes(train.precision)
     tokens = train.micro_batch_size * m.seq_len / layout.cp
     layer_bytes = layer_activation_bytes(config, layout, device_type)
     estimates = []
@@ -203,9 +208,7 @@ def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, 
 
 def _recomputed_layer_bytes(config: RunConfig, layout: ParallelLayout, device_type: str) -> float:
     """The activations of the one layer that backward re-runs under full recomputation."""
-    import dataclasses
-
-    unrecomputed = dataclasses.replace(config, train=dataclasses.replace(config.train, recompute="none"))
+    unrecomputed = replace(config, train=replace(config.train, recompute="none"))
     return layer_activation_bytes(unrecomputed, layout, device_type)
 
 

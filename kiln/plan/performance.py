@@ -27,7 +27,7 @@ from kiln.config import RunConfig
 from kiln.parallel.layout import ParallelLayout
 from kiln.plan.flops import flops_per_token, recompute_flops_per_token
 from kiln.plan.hardware import Accelerator
-from kiln.plan.memory import planned_state, rank_share
+from kiln.plan.memory import dtype_bytes, layers_per_stage, planned_state, rank_share
 from kiln.plan.params import count_parameters
 
 EFFICIENCY = 0.55
@@ -68,7 +68,7 @@ def predict_throughput(config: RunConfig, layout: ParallelLayout, vocab_size: in
     world, tp, cp, pp, dp = layout.world_size, layout.tp, layout.cp, layout.pp, layout.dp
     vpp = layout.virtual_pp or 1
     micro = layout.num_microbatches(train)
-    dtype = 4 if train.precision == "fp32" else 2
+    dtype = dtype_bytes(train.precision)
     tokens_per_step = train.global_batch_size * m.seq_len
     per_token = flops_per_token(m, vocab_size)
     model_flops = per_token * tokens_per_step
@@ -78,25 +78,24 @@ def predict_throughput(config: RunConfig, layout: ParallelLayout, vocab_size: in
         attention = 12.0 * m.num_layers * m.hidden_size * m.seq_len * tokens_per_step / world
         compute += attention / (accel.peak("bf16") * efficiency) - attention / (peak * efficiency)
 
-    layers_per_stage = m.num_layers / pp
+    stage_depth = m.num_layers / pp
     micro_tokens = train.micro_batch_size * m.seq_len / cp
     activation_bytes = micro_tokens * m.hidden_size * dtype
     tp_comm = 0.0
     if tp > 1:
         all_reduces = 4 + (2 if train.recompute == "full" else 0)
         one = 2 * (tp - 1) / tp * activation_bytes / _bandwidth(tp, accel)
-        tp_comm = micro * layers_per_stage * all_reduces * one * ((1 - TP_OVERLAP) if p.tp_comm_overlap else 1)
+        tp_comm = micro * stage_depth * all_reduces * one * ((1 - TP_OVERLAP) if p.tp_comm_overlap else 1)
     cp_exposed = 0.0
     if cp > 1:
         kv_bytes = micro_tokens * 2 * m.query_groups * m.head_dim / tp * dtype
         ring = 3 * (cp - 1) * kv_bytes / _bandwidth(tp * cp, accel)  # K,V forward; K,V and dK,dV back
         attention = 12 * m.hidden_size * m.seq_len * micro_tokens / tp / (peak * efficiency)
-        cp_exposed = micro * layers_per_stage * max(0.0, ring - attention)
+        cp_exposed = micro * stage_depth * max(0.0, ring - attention)
     bubble = (pp - 1) / (micro * vpp) * (compute + tp_comm + cp_exposed) if pp > 1 else 0.0
 
     params = count_parameters(m, vocab_size, tp=tp)
-    stage_layers = [sum(end - start for start, end in chunks) for chunks in layout.stage_layers(m.num_layers)]
-    n, layers = max(zip(params.per_rank(layout), stage_layers))
+    n, layers = max(zip(params.per_rank(layout), layers_per_stage(layout, m.num_layers)))
     state = planned_state(config, rank_share(config, layout, params, n, layers, "cuda"))
     ring = (dp - 1) / dp if dp > 1 else 0.0
     dp_comm = (state.gradient_traffic + state.parameter_traffic) * ring / _bandwidth(world, accel)

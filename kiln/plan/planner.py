@@ -205,24 +205,14 @@ def check_memory_before_launch(config: RunConfig, world_size: int, procs_per_nod
     by its worker processes. Raises KilnConfigError for a layout predicted not to fit.
     """
     from kiln.plan.dry_run import resolve_vocab_size
-    from kiln.plan.hardware import match_device_name
 
     if not config.train.memory_check:
         return False
-    if device_type == "cuda":
-        gpus = visible_gpus()
-        if gpus is None:
-            return False  # the workers check against torch's view of their device
-        name, capacity = gpus
-        accel, where = match_device_name(name) or _ranking_accelerator(), f"of {name} memory"
-    else:
-        node_memory = host_memory()
-        if node_memory is None:
-            return False
-        capacity, accel = node_memory // procs_per_node, _ranking_accelerator()
-        where = f"(this node's memory {human_bytes(node_memory)} / {procs_per_node} processes)"
-    check_memory(config, world_size, resolve_vocab_size(config.model, config.data), accel, device_type,
-                 capacity, where)
+    limit = _device_limit(device_type, visible_gpus() if device_type == "cuda" else None, procs_per_node)
+    if limit is None:
+        return False  # no nvidia-smi: the workers check against torch's view of their device
+    check_memory(config, world_size, resolve_vocab_size(config.model, config.data), device_type=device_type,
+                 **limit)
     return True
 
 
@@ -230,24 +220,35 @@ def check_memory_in_worker(config: RunConfig, world_size: int, vocab_size: int, 
     """The same check in a worker started without ``kiln train``'s launcher (torchrun, srun)."""
     import os
 
-    from kiln.plan.hardware import match_device_name
-
     if not config.train.memory_check:
         return
+    gpu = None
     if device.type == "cuda":
         import torch
 
         props = torch.cuda.get_device_properties(device)
-        capacity, where = props.total_memory, f"of {props.name} memory"
-        accel = match_device_name(props.name) or _ranking_accelerator()
-    else:
-        node_memory = host_memory()
-        if node_memory is None:
-            return
-        procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        capacity, accel = node_memory // procs, _ranking_accelerator()
-        where = f"(this node's memory {human_bytes(node_memory)} / {procs} processes)"
-    check_memory(config, world_size, vocab_size, accel, device.type, capacity, where)
+        gpu = props.name, props.total_memory
+    limit = _device_limit(device.type, gpu, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if limit is not None:
+        check_memory(config, world_size, vocab_size, device_type=device.type, **limit)
+
+
+def _device_limit(device_type: str, gpu: tuple[str, int] | None, procs_per_node: int) -> dict | None:
+    """``accel``, ``capacity`` and ``where`` for :func:`check_memory`: a GPU (name, bytes), or on CPU the
+    node's memory shared by its processes; None where it cannot be known."""
+    from kiln.plan.hardware import match_device_name
+
+    if device_type == "cuda":
+        if gpu is None:
+            return None
+        name, capacity = gpu
+        return {"accel": match_device_name(name) or _ranking_accelerator(), "capacity": capacity,
+                "where": f"of {name} memory"}
+    node_memory = host_memory()
+    if node_memory is None:
+        return None
+    return {"accel": _ranking_accelerator(), "capacity": node_memory // procs_per_node,
+            "where": f"(this node's memory {human_bytes(node_memory)} / {procs_per_node} processes)"}
 
 
 def _ranking_accelerator() -> Accelerator:
