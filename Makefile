@@ -20,14 +20,23 @@ TEST_MARKS ?= not extended
 PYTHON_EXE = $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
 	PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | paste -sd:) pyenv which $(PYTHON) 2>/dev/null)
 
+# The install downloads several GB (torch's CUDA wheels): a dropped connection is resumed by pip,
+# and a download that still fails is tried again whole (pip's cache keeps what already arrived).
+# (The venv's first pip, before its upgrade, may predate --resume-retries.)
+PIP_INSTALL = for attempt in 1 2 3; do \
+	  $(PY) -m pip install -q --retries 10 $(1) && break; \
+	  test $$attempt = 3 && { echo "pip install failed 3 times: check the network or the registry" >&2; exit 1; }; \
+	  echo "pip install failed (attempt $$attempt of 3); trying again in 30 s" >&2; sleep 30; \
+	done
+
 $(PY):
 	@test -n "$(PYTHON_EXE)" || { echo "PYTHON=$(PYTHON): no such interpreter on PATH or in pyenv" >&2; exit 1; }
 	$(PYTHON_EXE) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	@$(call PIP_INSTALL,--upgrade pip)
 
 # Reinstall only when the dependency list changes.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[dev]"
+	@$(call PIP_INSTALL,--resume-retries 30 -e ".[dev]")
 	touch $(STAMP)
 
 install: $(STAMP)

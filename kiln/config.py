@@ -27,6 +27,84 @@ def _check(ok: bool, message: str) -> None:
 
 
 @dataclass(kw_only=True, slots=True)
+class MoeConfig:
+    """Mixture-of-experts feed-forward layers (megatron-core's MoE layer); off while num_experts is 0.
+
+    Each MoE layer routes every token to ``top_k`` of ``num_experts`` SwiGLU experts (plus the
+    shared experts every token passes through); experts are split over parallel.ep ranks.
+    """
+
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 keeps every layer dense."""
+    top_k: int = 2
+    """Experts each token is routed to."""
+    expert_ffn_hidden_size: int | None = None
+    """SwiGLU inner width of one expert; None takes the dense one (model.ffn_hidden_size's rule)."""
+    shared_experts: int = 0
+    """Experts every token passes through besides its routed ones (DeepSeek-style), each expert-sized."""
+    layer_freq: int = 1
+    """Every layer is an MoE layer (1), or every N-th one, starting with the first; the rest stay dense."""
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    """Auxiliary load-balancing loss over each micro-batch's tokens (aux_loss, Switch Transformer),
+    over each sequence's (seq_aux_loss, DeepSeek-V2), or none."""
+    aux_loss_coeff: float = 1e-2
+    """Weight of the load-balancing loss (0 turns it off)."""
+    expert_bias: bool = False
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert routing bias, raised for underloaded experts and
+    lowered for overloaded ones after every step; needs score_function=sigmoid."""
+    expert_bias_update_rate: float = 1e-3
+    """How far the expert bias moves per step."""
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax over experts (Mixtral), or per-expert sigmoid (DeepSeek-V3)."""
+    z_loss_coeff: float = 0.0
+    """Router z-loss weight (ST-MoE), which keeps the router logits small; 0 turns it off."""
+    capacity_factor: float | None = None
+    """None: dropless (every routed token is computed). A number: each expert takes at most
+    capacity_factor × tokens × top_k / num_experts tokens per micro-batch and the rest are dropped."""
+    drop_policy: Literal["probs", "position"] = "probs"
+    """With a capacity factor: drop an expert's lowest-probability tokens, or its last ones."""
+    router_fp32: bool = True
+    """Compute the router (its logits, softmax and top-k) in fp32 whatever the training precision."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach their experts' ranks: all-to-all (scales with parallel.ep), or all-gather
+    (every rank sees every token; simple, for small ep)."""
+    grouped_gemm: bool = True
+    """Run a rank's experts as one grouped GEMM where Transformer Engine offers it (GPUs); otherwise,
+    and on CPU, one GEMM per expert in a loop."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 0, f"model.moe.num_experts must be >= 0 (0: dense), got {self.num_experts}")
+        if not self.enabled:
+            return
+        _check(1 <= self.top_k <= self.num_experts,
+               f"model.moe.top_k({self.top_k}) must be between 1 and model.moe.num_experts({self.num_experts})")
+        _check(self.expert_ffn_hidden_size is None or self.expert_ffn_hidden_size > 0,
+               f"model.moe.expert_ffn_hidden_size must be positive, got {self.expert_ffn_hidden_size}")
+        _check(self.shared_experts >= 0, f"model.moe.shared_experts must be >= 0, got {self.shared_experts}")
+        _check(self.layer_freq >= 1, f"model.moe.layer_freq must be >= 1 (1: every layer), got {self.layer_freq}")
+        _check(self.aux_loss_coeff >= 0, f"model.moe.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
+        _check(self.z_loss_coeff >= 0, f"model.moe.z_loss_coeff must be >= 0, got {self.z_loss_coeff}")
+        _check(self.expert_bias_update_rate > 0,
+               f"model.moe.expert_bias_update_rate must be positive, got {self.expert_bias_update_rate}")
+        _check(self.capacity_factor is None or self.capacity_factor > 0,
+               f"model.moe.capacity_factor must be positive (or null for dropless), got {self.capacity_factor}")
+        _check(not self.expert_bias or self.score_function == "sigmoid",
+               "model.moe.expert_bias (aux-loss-free balancing) adds the bias to sigmoid scores: set "
+               "model.moe.score_function=sigmoid")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether the global layer ``layer`` (0-based) is an MoE layer."""
+        return self.enabled and layer % self.layer_freq == 0
+
+    def moe_layers(self, num_layers: int) -> list[int]:
+        return [layer for layer in range(num_layers) if self.is_moe_layer(layer)]
+
+
+@dataclass(kw_only=True, slots=True)
 class ModelConfig:
     """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
 
@@ -54,6 +132,8 @@ class ModelConfig:
     """Share the input embedding with the output layer."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    moe: MoeConfig = field(default_factory=MoeConfig)
+    """Mixture of experts (off by default)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_len", "make_vocab_divisible_by"):
@@ -90,6 +170,11 @@ class ModelConfig:
             return self.ffn_hidden_size
         return -(-int(8 * self.hidden_size / 3) // 256) * 256
 
+    @property
+    def expert_ffn_size(self) -> int:
+        """SwiGLU inner width of one MoE expert."""
+        return self.moe.expert_ffn_hidden_size or self.ffn_size
+
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
@@ -105,6 +190,12 @@ class ParallelConfig:
     """Context-parallel size (the sequence split over ranks inside attention)."""
     virtual_pp: int | None = None
     """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
+    ep: int = 1
+    """Expert-parallel size (model.moe): each MoE layer's experts are split over ep ranks, carved out of
+    the tp × cp × dp ranks of a pipeline stage (the dense layers keep their layout)."""
+    expert_tp: int | None = None
+    """Tensor-parallel size inside each expert; None takes parallel.tp. Fine-grained experts often run
+    best with expert_tp=1 and a larger ep."""
     sequence_parallel: bool = False
     """Shard norm and dropout activations over the TP group (needs tp > 1)."""
     engine: str = "megatron"
@@ -142,7 +233,9 @@ class ParallelConfig:
         _check(not self.tp_comm_overlap or self.sequence_parallel,
                "parallel.tp_comm_overlap overlaps the sequence-parallel all-gather/reduce-scatter with GEMMs: "
                "set parallel.sequence_parallel=true (with tp > 1) or parallel.tp_comm_overlap=false")
-        for name in ("tp", "pp", "cp"):
+        _check(self.expert_tp is None or self.expert_tp >= 1,
+               f"parallel.expert_tp must be >= 1 (or null: parallel.tp), got {self.expert_tp}")
+        for name in ("tp", "pp", "cp", "ep"):
             _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dp is None or self.dp >= 1, f"parallel.dp must be >= 1 (or omitted), got {self.dp}")
         if self.virtual_pp is not None:
@@ -162,6 +255,10 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tp * self.pp * self.cp
+
+    @property
+    def expert_tp_size(self) -> int:
+        return self.expert_tp or self.tp
 
 
 @dataclass(kw_only=True, slots=True)
@@ -528,6 +625,7 @@ class RunConfig:
 
             check_fp8_config(self.fp8, model=self.model, parallel=self.parallel, train=self.train)
         self._check_compile()
+        self._check_moe()
         _check(
             self.parallel.cp == 1 or self.model.seq_len % (2 * self.parallel.cp) == 0,
             f"model.seq_len({self.model.seq_len}) must be divisible by 2 × parallel.cp({self.parallel.cp}) "
@@ -557,6 +655,35 @@ class RunConfig:
                 f"the config has a {section}: section but parallel.engine is {self.parallel.engine}; set "
                 f"parallel.engine={name} or remove the section",
             )
+
+    def _check_moe(self) -> None:
+        """model.moe against the parallel layout, the engine and the kernels (the world-size checks are
+        in kiln.parallel.layout)."""
+        from kiln.engine import engine_class
+
+        moe, p = self.model.moe, self.parallel
+        if not moe.enabled:
+            _check(p.ep == 1 and p.expert_tp is None,
+                   "parallel.ep and parallel.expert_tp split the experts of MoE layers, and model.moe.num_experts "
+                   "is 0 (a dense model): set model.moe.num_experts, or remove parallel.ep/expert_tp")
+            return
+        why_not = engine_class(p.engine).moe_support
+        _check(why_not is None, f"model.moe with parallel.engine={p.engine}: {why_not}; use parallel.engine=megatron")
+        _check(moe.num_experts % p.ep == 0,
+               f"model.moe.num_experts({moe.num_experts}) is not divisible by parallel.ep({p.ep}): every expert-parallel "
+               f"rank holds the same number of experts")
+        _check(self.model.expert_ffn_size % p.expert_tp_size == 0,
+               f"the expert ffn size({self.model.expert_ffn_size}) is not divisible by parallel.expert_tp"
+               f"({p.expert_tp_size})")
+        _check(p.tp == 1 or p.sequence_parallel,
+               f"model.moe with parallel.tp={p.tp} needs parallel.sequence_parallel=true: megatron-core routes each "
+               "rank's own share of the sequence (without it every TP rank would dispatch the same tokens)")
+        _check(not self.kernels.compile,
+               "kernels.compile with model.moe: the token dispatcher's split sizes depend on the routing (host "
+               "syncs inside the layer), which torch.compile cannot trace; set kernels.compile=false")
+        _check(self.train.precision != "fp8" or self.fp8.backend == "te",
+               "train.precision=fp8 with fp8.backend=torchao and model.moe: torchao's float8 linears replace the "
+               "dense layers' GEMMs only, not the experts'; use fp8.backend=te")
 
     def _check_compile(self) -> None:
         """kernels.compile against what puts untraceable code inside a transformer layer (kiln.kernels.compile)."""

@@ -118,6 +118,8 @@ class Engine(abc.ABC):
     fp8_backends: ClassVar[tuple[str, ...]] = ("torchao",)
     """The fp8.backend choices it trains with (train.precision=fp8). Transformer Engine's FP8 needs
     megatron-core's schedules, which tell its layers when to re-cast their FP8 weights."""
+    moe_support: ClassVar[str | None] = None
+    """None when it trains mixture-of-experts models (model.moe, expert parallelism); else why not."""
     grad_norm_before_update: ClassVar[bool] = True
     """:meth:`measure_gradients` gives the global gradient norm before the update, so an update can
     be skipped on it; False where the norm is only known after :meth:`optimizer_step` (DeepSpeed)."""

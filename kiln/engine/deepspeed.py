@@ -174,6 +174,9 @@ class DeepSpeedEngine(Engine):
     """One rank's DeepSpeed engine around the megatron-core model."""
 
     name = "deepspeed"
+    # DeepSpeed's own MoE (deepspeed.moe) is a different layer with its own groups and checkpoints.
+    moe_support = ("kiln's MoE layers are megatron-core's, whose expert-parallel gradient reduction and "
+                   "optimizer groups live in megatron-core DDP, which this engine replaces")
     grad_norm_before_update = False  # DeepSpeed computes it inside engine.step(), with the update
     can_skip_update = False  # engine.step() is the only way through a gradient-accumulation boundary
     checkpoint_format = "portable"

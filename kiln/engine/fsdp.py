@@ -39,6 +39,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 class FSDPEngine(Engine):
     name = "fsdp"
+    moe_support = ("FSDP would all-gather every expert on every rank, and kiln's MoE layers' expert-parallel "
+                   "gradient reduction lives in megatron-core DDP, which this engine replaces")
     checkpoint_format = "portable"
     reads_formats = ("megatron",)
 

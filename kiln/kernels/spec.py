@@ -49,27 +49,28 @@ def uses_transformer_engine(device_type: str, fp8: Fp8Config | None = None) -> b
     return device_type == "cuda" and transformer_engine_missing() is None and not torchao_fp8
 
 
-def select_layer_spec(device_type: str, attention_backend: str, fp8: Fp8Config | None = None):
-    """megatron-core ModuleSpec of one transformer layer for this device (and FP8 backend)."""
+def select_layer_spec(device_type: str, attention_backend: str, fp8: Fp8Config | None = None, *,
+                      num_experts: int | None = None, grouped_gemm: bool = False):
+    """megatron-core ModuleSpec of one transformer layer for this device (and FP8 backend).
+
+    ``num_experts``: an MoE layer (router, token dispatcher, experts; shared experts when the
+    config asks); ``grouped_gemm`` runs its experts as TE's grouped GEMM (TE spec only).
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     from kiln.kernels.attention import core_attention_spec
 
     if uses_transformer_engine(device_type, fp8):
-        log.info("kernels: Transformer Engine layer spec")
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts,
+                                                                          moe_grouped_gemm=grouped_gemm)
         spec.submodules.self_attention.submodules.core_attention = core_attention_spec(attention_backend)
         return spec
     from kiln.kernels.norm import RMSNorm
 
-    if fp8 is not None and fp8.backend == "torchao":
-        reason = f"torchao float8 {fp8.recipe} GEMMs in its linear layers"
-    elif device_type != "cuda":
-        reason = "no GPU"
-    else:
-        reason = f"Transformer Engine unusable: {transformer_engine_missing()}; pip install 'kiln[gpu]'"
-    log.info("kernels: megatron-core local layer spec (%s)", reason)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # The local spec's experts are a loop of per-expert GEMMs (megatron-core's SequentialMLP):
+    # its grouped alternative needs the grouped_gemm CUDA package.
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                    normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(attention_backend)
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
@@ -80,22 +81,53 @@ def select_layer_spec(device_type: str, attention_backend: str, fp8: Fp8Config |
     return spec
 
 
+def log_layer_spec(device_type: str, fp8: Fp8Config | None = None) -> None:
+    """Say once which layer spec runs, and why the local one when it does."""
+    if uses_transformer_engine(device_type, fp8):
+        log.info("kernels: Transformer Engine layer spec")
+        return
+    if fp8 is not None and fp8.backend == "torchao":
+        reason = f"torchao float8 {fp8.recipe} GEMMs in its linear layers"
+    elif device_type != "cuda":
+        reason = "no GPU"
+    else:
+        reason = f"Transformer Engine unusable: {transformer_engine_missing()}; pip install 'kiln[gpu]'"
+    log.info("kernels: megatron-core local layer spec (%s)", reason)
+
+
+def experts_run_grouped(device_type: str, fp8: Fp8Config | None, moe) -> bool:
+    """Whether an MoE layer's experts run as one grouped GEMM (TE) rather than a loop of GEMMs."""
+    return moe.grouped_gemm and uses_transformer_engine(device_type, fp8)
+
+
 def select_block_spec(tconfig, device_type: str, attention_backend: str, *, vp_stage: int | None, pp_rank: int,
-                      fp8: Fp8Config | None = None):
-    """The decoder block of one model chunk: its layers' spec and its final norm.
+                      fp8: Fp8Config | None = None, moe=None):
+    """The decoder block of one model chunk: its layers' specs and its final norm.
 
     Built here rather than left to megatron-core, which gives a bare layer spec the torch norm
-    as final norm when TE is absent (and that norm refuses sequence parallelism).
+    as final norm when TE is absent (and that norm refuses sequence parallelism). ``moe``
+    (model.moe, when enabled) makes the layers it names MoE layers, by global layer index.
     """
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+    log_layer_spec(device_type, fp8)
     layer = select_layer_spec(device_type, attention_backend, fp8)
-    if uses_transformer_engine(device_type, fp8):
+    te = uses_transformer_engine(device_type, fp8)
+    if te and (moe is None or not moe.enabled):
         return layer
-    from kiln.kernels.norm import RMSNorm
-
     layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm)
+    specs = [layer] * layers
+    if moe is not None and moe.enabled:
+        moe_layer = select_layer_spec(device_type, attention_backend, fp8, num_experts=moe.num_experts,
+                                      grouped_gemm=experts_run_grouped(device_type, fp8, moe))
+        offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
+        specs = [moe_layer if moe.is_moe_layer(offset + index) else layer for index in range(layers)]
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        from kiln.kernels.norm import RMSNorm as final_norm
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
 
 
 def initialize_tp_comm_overlap(model_config, train_config, ctx, fp8: Fp8Config | None = None) -> None:

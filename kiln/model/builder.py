@@ -18,8 +18,10 @@ from kiln.kernels.attention import choose_backend
 from kiln.kernels.fp8 import te_transformer_settings
 from kiln.kernels.compile import compile_layers
 from kiln.kernels.fusions import fusion_settings
-from kiln.kernels.spec import initialize_tp_comm_overlap, select_block_spec, uses_transformer_engine
+from kiln.kernels.spec import (experts_run_grouped, initialize_tp_comm_overlap, select_block_spec,
+                               uses_transformer_engine)
 from kiln.model.init import init_weights
+from kiln.model.moe import moe_transformer_settings
 from kiln.parallel.backend import ParallelContext
 from kiln.plan.params import count_parameters, human_exact, padded_vocab_size
 
@@ -82,6 +84,7 @@ def transformer_config(m: ModelConfig, parallel: ParallelConfig, train: TrainCon
                           main_grad=engine_class(parallel.engine).accumulates_main_grad, per_sample_rope=documents),
         **te_transformer_settings(fp8, transformer_engine=transformer_engine),
         **recompute_settings(train),
+        **moe_transformer_settings(m, layout, grouped_gemm=experts_run_grouped(device_type, fp8, m.moe)),
         deallocate_pipeline_outputs=True,
         overlap_p2p_comm=overlap_p2p,
         batch_p2p_comm=not overlap_p2p,
@@ -129,7 +132,8 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
         model = KilnGPTModel(
             config=tconfig,
             transformer_layer_spec=select_block_spec(tconfig, ctx.device.type, attention, pp_rank=coords["pp"],
-                                                     vp_stage=vp_stage if layout.virtual_pp else None, fp8=fp8),
+                                                     vp_stage=vp_stage if layout.virtual_pp else None, fp8=fp8,
+                                                     moe=model_config.moe),
             vocab_size=padded,
             max_sequence_length=model_config.seq_len,
             pre_process=coords["pp"] == 0 and vp_stage == 0,
@@ -151,8 +155,12 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
     if kernels.compile:
         compile_layers(models)
     if ctx.rank == 0:
-        total = count_parameters(model_config, vocab_size, tp=layout.tp)
+        count = count_parameters(model_config, vocab_size, tp=layout.tp)
         fp8_note = f" ({fp8.backend} {fp8.recipe} GEMMs, bf16 parameters)" if fp8 else ""
-        log.info(f"model: {human_exact(total.total)} parameters, {len(models)} chunk(s) per rank, "
+        moe = model_config.moe
+        moe_note = (f" ({human_exact(count.active)} active per token: {moe.top_k} of {moe.num_experts} experts"
+                    f" in {len(count.moe_layer_ids)} MoE layers, "
+                    + ("grouped GEMM" if tconfig.moe_grouped_gemm else "a GEMM per expert") + ")") if moe.enabled else ""
+        log.info(f"model: {human_exact(count.total)} parameters{moe_note}, {len(models)} chunk(s) per rank, "
                  f"{train.precision}{fp8_note}")
     return models

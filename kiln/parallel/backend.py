@@ -105,10 +105,8 @@ def init_parallel(device: str, seed: int, layout_for: Callable[[int], ParallelLa
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.virtual_pp,
         context_parallel_size=layout.cp,
-        # Expert groups are built without cp, and with pp before dp in the order megatron-core
-        # then needs their data-parallel size to equal the dense one: the experts' TP group
-        # spans the dense tp × cp ranks (no effect on dense models; MoE layouts set it themselves).
-        expert_tensor_parallel_size=layout.tp * layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
         order=MEGATRON_ORDER,
     )
     pg_collection = ProcessGroupCollection.use_mpu_process_groups()

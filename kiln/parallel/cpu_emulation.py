@@ -12,6 +12,9 @@ CPU once a few assumptions hold, and this module makes them hold for the whole p
 * The optimizer wrappers assert type strings such as ``'torch.cuda.FloatTensor'``; the same
   mode answers ``Tensor.type()`` with the CUDA spelling of the CPU type.
 * The CUDA RNG tracker gets a CPU counterpart that keeps named CPU generator states.
+* ``torch.cuda.Stream``/``Event``/``stream`` (the MoE all-to-all dispatcher copies its split sizes
+  to the host on a side stream and waits on an event) become no-ops: CPU work is in order; and
+  ``all_to_all_single`` takes the split sizes that then stay tensors.
 
 This is what lets ``kiln train --device cpu`` rehearse a cluster's exact parallel layout on a
 laptop (or on a GPU login node: the GPUs are then hidden from the process, so that megatron-core
@@ -22,6 +25,7 @@ and DeepSpeed take the CPU paths), and what lets CI test TP/PP/DP parity. It is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -107,6 +111,61 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+class _CpuEvent:
+    """A CUDA event on CPU: work is already done when it is recorded."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """A CUDA side stream on CPU: everything runs in issue order, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _CpuEvent:
+        return event or _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _all_to_all_single_taking_tensor_splits(all_to_all_single):
+    """all_to_all_single whose split sizes may be tensors. The MoE all-to-all dispatcher copies its
+    split sizes from the GPU to host (numpy) arrays; on CPU that copy is skipped, they stay tensors,
+    and the collective refuses them (the patch is at module level because the backward's call runs
+    inside Tensor.backward, where no TorchFunctionMode sees it)."""
+
+    @functools.wraps(all_to_all_single)
+    def wrapper(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return all_to_all_single(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    return wrapper
+
+
 def install() -> None:
     """Switch the process into CPU emulation of CUDA for megatron-core. Idempotent."""
     global _installed
@@ -121,6 +180,10 @@ def install() -> None:
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.current_stream = lambda *a, **k: torch.cpu.current_stream()  # type: ignore[assignment]
+    torch.distributed.all_to_all_single = _all_to_all_single_taking_tensor_splits(torch.distributed.all_to_all_single)
+    torch.cuda.Stream = _CpuStream  # type: ignore[assignment]
+    torch.cuda.Event = _CpuEvent  # type: ignore[assignment]
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
     torch.cuda.manual_seed = torch.manual_seed  # type: ignore[assignment]
     torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()  # type: ignore[assignment]

@@ -5,6 +5,10 @@ can print the layout of a 512-GPU job on a laptop. Rank order is tp fastest, the
 pp, then dp (megatron-core order ``tp-cp-ep-pp-dp``): TP groups stay inside a node, and a
 data-parallel replica is a block of consecutive ranks, which is what the data loader's
 ``replication`` relies on.
+
+Mixture-of-experts layers are laid out on the same ranks a second way (megatron-core's expert
+groups): each pipeline stage's tp × cp × dp ranks become expert_tp × ep × expert_dp, expert_tp
+fastest. Attention and the dense layers keep the first layout.
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ class ParallelLayout:
     cp: int
     dp: int
     virtual_pp: int | None = None
+    ep: int = 1
+    expert_tp: int = 0
+    """0: the experts' TP group spans the dense tp × cp ranks (a dense model; no effect)."""
+
+    def __post_init__(self) -> None:
+        if not self.expert_tp:
+            object.__setattr__(self, "expert_tp", self.tp * self.cp)
 
     @classmethod
     def build(cls, p: ParallelConfig, model: ModelConfig, train: TrainConfig, world_size: int) -> "ParallelLayout":
@@ -39,7 +50,10 @@ class ParallelLayout:
             cp=p.cp,
             dp=_derive_dp(p, world_size),
             virtual_pp=p.virtual_pp if p.virtual_pp and p.virtual_pp > 1 else None,
+            ep=p.ep,
+            expert_tp=p.expert_tp_size if model.moe.enabled else 0,
         )
+        layout._validate_experts()
         layout._validate_model(model)
         layout._validate_batch(train)
         return layout
@@ -65,6 +79,29 @@ class ParallelLayout:
             raise KilnConfigError(
                 f"model.num_layers({model.num_layers}) is not divisible by {what} = {chunks} pipeline chunks"
             )
+
+    def _validate_experts(self) -> None:
+        stage = self.tp * self.cp * self.dp
+        experts = self.expert_tp * self.ep
+        if stage % experts:
+            raise KilnConfigError(
+                f"parallel.expert_tp({self.expert_tp}) × parallel.ep({self.ep}) = {experts} does not divide the "
+                f"{stage} ranks of a pipeline stage (tp({self.tp}) × cp({self.cp}) × dp({self.dp})), which the "
+                f"experts are laid out on")
+        if self.pp > 1 and experts != self.tp * self.cp:
+            # megatron-core builds the expert groups in the dense rank order, and with pp before dp
+            # (kiln's order, which keeps a replica's ranks consecutive) their pipeline groups only
+            # match the dense ones when experts span exactly the tp × cp ranks.
+            raise KilnConfigError(
+                f"with parallel.pp({self.pp}) > 1, parallel.expert_tp({self.expert_tp}) × parallel.ep({self.ep}) "
+                f"must equal tp({self.tp}) × cp({self.cp}) = {self.tp * self.cp}: kiln's rank order puts pp before "
+                f"dp, so experts can only be split over a stage's tp × cp ranks; set parallel.expert_tp=1 and "
+                f"parallel.ep={self.tp * self.cp}, or parallel.pp=1 (MoE layouts usually trade pp for ep)")
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the expert weights: the stage's ranks over expert_tp × ep."""
+        return self.tp * self.cp * self.dp // (self.expert_tp * self.ep)
 
     def _validate_batch(self, train: TrainConfig) -> None:
         per_step = train.micro_batch_size * self.dp
@@ -99,6 +136,12 @@ class ParallelLayout:
         pp, dp = rest % self.pp, rest // self.pp
         return {"tp": tp, "cp": cp, "pp": pp, "dp": dp}
 
+    def expert_coords(self, rank: int) -> dict[str, int]:
+        """The (expert_tp, ep, expert_dp) coordinates of a global rank (pp is the dense one)."""
+        stage_rank = rank % (self.tp * self.cp) + (rank // (self.tp * self.cp * self.pp)) * self.tp * self.cp
+        etp, rest = stage_rank % self.expert_tp, stage_rank // self.expert_tp
+        return {"expert_tp": etp, "ep": rest % self.ep, "expert_dp": rest // self.ep}
+
     def groups(self, axis: str) -> list[list[int]]:
         """Every group of ranks along ``axis`` ('tp', 'cp', 'pp', 'dp', or joined like 'tp-pp')."""
         # megatron-core's own rank arithmetic; imported here so validating a layout (the launcher,
@@ -106,6 +149,15 @@ class ParallelLayout:
         from megatron.core.parallel_state import RankGenerator
 
         generator = RankGenerator(tp=self.tp, ep=1, dp=self.dp, pp=self.pp, cp=self.cp, order=MEGATRON_ORDER)
+        return generator.get_ranks(axis)
+
+    def expert_groups(self, axis: str) -> list[list[int]]:
+        """Every group of ranks along the expert layout's ``axis`` ('tp' for expert_tp, 'ep', 'dp' for
+        expert_dp), as megatron-core builds them."""
+        from megatron.core.parallel_state import RankGenerator
+
+        generator = RankGenerator(tp=self.expert_tp, ep=self.ep, dp=self.expert_dp, pp=self.pp, cp=1,
+                                  order=MEGATRON_ORDER)
         return generator.get_ranks(axis)
 
     def stage_layers(self, num_layers: int) -> list[list[tuple[int, int]]]:
@@ -133,6 +185,14 @@ class ParallelLayout:
             shown = "  ".join(_fmt_group(g) for g in groups[:max_groups])
             more = f"  … {len(groups) - max_groups} more" if len(groups) > max_groups else ""
             lines.append(f"  {axis} groups ({len(groups)} × {len(groups[0])} ranks): {shown}{more}")
+        if self.ep > 1 or self.expert_tp != self.tp * self.cp:
+            lines.append(f"  experts: each stage's {self.tp * self.cp * self.dp} ranks = expert_dp {self.expert_dp} × "
+                         f"ep {self.ep} × expert_tp {self.expert_tp}")
+            for axis, name in (("ep", "ep"), ("tp", "expert_tp"), ("dp", "expert_dp")):
+                groups = self.expert_groups(axis)
+                shown = "  ".join(_fmt_group(g) for g in groups[:max_groups])
+                more = f"  … {len(groups) - max_groups} more" if len(groups) > max_groups else ""
+                lines.append(f"  {name} groups ({len(groups)} × {len(groups[0])} ranks): {shown}{more}")
         return "\n".join(lines)
 
 

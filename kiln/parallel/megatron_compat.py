@@ -47,3 +47,13 @@ def check_can_read_checkpoint(saved_version: str, where) -> None:
             f"megatron-core ({version('megatron-core')}) cannot read; resume it on Python 3.12 with "
             f"megatron-core 0.19 (make ... PYTHON=python3.12 VENV=.venv312), or export its weights "
             f"with `kiln ckpt convert`")
+
+
+def allow_moe_without_transformer_engine() -> None:
+    """megatron-core 0.16's MoE router calls ``te_general_gemm`` when it is not None, but defines the
+    name only when Transformer Engine imports (0.19 sets it to None otherwise): without TE (CPU, or a
+    GPU without kiln[gpu]) the router's GEMM raises NameError. Give it the None 0.19 gives."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -11,17 +11,18 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.plan.hardware import match_device_name
+from kiln.plan.params import matmul_parameters_per_token
 
 def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     """6 × (matmul parameters) + attention scores, per trained token (PaLM appendix B).
 
     The embedding lookup does no matmul and is left out; the output layer is counted.
     Attention uses the full (non-causal) 12·L·h·s term, as Megatron and torchtitan report it.
+    MoE layers count the parameters a token is multiplied by (router, top_k and shared experts),
+    not every expert's.
     """
     h, layers, s = model.hidden_size, model.num_layers, model.seq_len
-    kv = model.query_groups * model.head_dim
-    per_layer = h * h + 2 * h * kv + h * h + 3 * h * model.ffn_size
-    matmul_params = layers * per_layer + vocab_size * h
+    matmul_params = matmul_parameters_per_token(model) + vocab_size * h
     return 6.0 * matmul_params + 12.0 * layers * h * s
 
 
@@ -62,9 +63,7 @@ def recompute_flops_per_token(model: ModelConfig, recompute: str) -> float:
     h, layers, s = model.hidden_size, model.num_layers, model.seq_len
     attention_forward = 4.0 * layers * h * s
     if recompute == "full":
-        kv = model.query_groups * model.head_dim
-        per_layer = h * h + 2 * h * kv + h * h + 3 * h * model.ffn_size
-        return 2.0 * layers * per_layer + attention_forward
+        return 2.0 * matmul_parameters_per_token(model) + attention_forward
     return attention_forward if recompute == "selective" else 0.0
 
 

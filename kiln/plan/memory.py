@@ -113,6 +113,14 @@ def layer_activation_bytes(config: RunConfig, layout: ParallelLayout, device_typ
         # torch RMSNorm keeps input, x/rms and 1/rms, and the linear keeps the norm's output; the
         # unfused SwiGLU keeps gate and up, silu(gate), silu(gate)·up's operands and fc2's input.
         norms, mlp = 2 * (3 * h + 1), 2 * f + 3 * f
+    if m.moe.enabled:
+        # An MoE layer (the larger, when layers mix): each token's top_k copies pass through an expert
+        # (balanced routing: a rank computes as many token copies as it routes), with the permuted
+        # input kept per copy, plus the shared experts and the fp32 router scores.
+        f_e, moe = m.expert_ffn_size, m.moe
+        per_expert = (2 * f_e + f_e if _uses_te(device_type) else 2 * f_e + 3 * f_e) / layout.expert_tp * t
+        shared = mlp * moe.shared_experts * f_e / f
+        mlp = max(mlp, moe.top_k * (per_expert + 2 * h * t) + shared + moe.num_experts * 4 / dtype * t)
     # q and k after RoPE, the fused QKV output (v is a view of it), and the attention output (also
     # the output projection's input); the log-sum-exp is fp32, one per head.
     attention = 3 * a * d + 3 * g * d
@@ -141,8 +149,7 @@ def in_flight_layer_microbatches(config: RunConfig, layout: ParallelLayout, stag
 def rank_share(config: RunConfig, layout: ParallelLayout, params: ParamCount, n: float, layers: int,
                device_type: str) -> RankShare:
     """What the engine needs to size its state on a rank holding ``n`` parameters and ``layers`` layers."""
-    return RankShare(parameters=n, per_layer=(params.per_layer - params.per_layer_norms) / layout.tp
-                     + params.per_layer_norms, layers=layers, dp=layout.dp, cp=layout.cp,
+    return RankShare(parameters=n, per_layer=params.layer_per_rank(layout), layers=layers, dp=layout.dp, cp=layout.cp,
                      param_bytes=dtype_bytes(config.train.precision), half=config.train.precision != "fp32",
                      device_type=device_type)
 

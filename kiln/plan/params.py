@@ -6,6 +6,12 @@ biases), an RMSNorm and a SwiGLU MLP (fc1 holds gate and up, fc2 is down), then 
 RMSNorm and the output layer. RoPE has no parameters. With Transformer Engine the two
 per-layer norms are fused into the following linear layer (``layer_norm_weight``), which
 changes where the weight lives, not how many there are.
+
+A mixture-of-experts layer (model.moe) has the same attention and norms; its MLP is a router
+(num_experts × hidden, replicated on every rank), ``num_experts`` SwiGLU experts (split over
+ep × expert_tp) and optionally shared experts (one SwiGLU of shared_experts × the expert width,
+split over tp like a dense MLP). A token passes through top_k of the routed experts: its
+*active* parameters, which FLOPs per token count.
 """
 
 from __future__ import annotations
@@ -54,16 +60,46 @@ class ParamCount:
     tie_embeddings: bool
     tp: int
     """The TP size the vocab was padded for; per-stage counts need a layout with the same tp."""
+    moe_layer_ids: tuple[int, ...] = ()
+    """The MoE layers (0-based); the others are dense (``per_layer``)."""
+    per_moe_layer: int = 0
+    """One MoE layer, norms, router, routed and shared experts included."""
+    moe_router: int = 0
+    """The router of one MoE layer (replicated on every rank)."""
+    moe_experts: int = 0
+    """The routed experts of one MoE layer (split over ep × expert_tp)."""
+    moe_active_experts: int = 0
+    """The routed-expert parameters one token passes through in one MoE layer (top_k experts)."""
+
+    def layer_size(self, layer: int) -> int:
+        return self.per_moe_layer if layer in self.moe_layer_ids else self.per_layer
+
+    @property
+    def layers_total(self) -> int:
+        return sum(self.layer_size(layer) for layer in range(self.num_layers))
 
     @property
     def total(self) -> int:
         """Unique parameters (a tied embedding counts once)."""
-        return self.embedding + self.num_layers * self.per_layer + self.final_norm + self.output_layer
+        return self.embedding + self.layers_total + self.final_norm + self.output_layer
+
+    @property
+    def active(self) -> int:
+        """Parameters one token passes through: the total less the routed experts it is not sent to."""
+        return self.total - len(self.moe_layer_ids) * (self.moe_experts - self.moe_active_experts)
 
     @property
     def non_embedding(self) -> int:
         """Parameters outside the embedding and output layer (what scaling laws count)."""
-        return self.num_layers * self.per_layer + self.final_norm
+        return self.layers_total + self.final_norm
+
+    def layer_per_rank(self, layout: ParallelLayout) -> float:
+        """The largest transformer layer's parameters on one rank (its sharded parts divided)."""
+        dense = (self.per_layer - self.per_layer_norms) / layout.tp + self.per_layer_norms
+        if not self.moe_layer_ids:
+            return dense
+        sharded, replicated, experts = self._layer_parts(self.moe_layer_ids[0])
+        return max(dense, sharded / layout.tp + replicated + experts / (layout.ep * layout.expert_tp))
 
     def per_stage(self, layout: ParallelLayout) -> list[int]:
         """Parameters held by each pipeline rank (summed over its virtual chunks, whole TP group).
@@ -73,22 +109,30 @@ class ParamCount:
         output weight (megatron-core keeps the copies equal with an all-reduce over the
         embedding group), so the stages then sum to more than ``total`` by one embedding.
         """
-        return [sharded + replicated for sharded, replicated in self._stage_parts(layout)]
+        return [sum(parts) for parts in self._stage_parts(layout)]
 
     def per_rank(self, layout: ParallelLayout) -> list[int]:
-        """Parameters on one rank of each pipeline stage: TP-sharded weights ÷ tp, plus the
-        RMSNorm weights, which every TP rank holds whole. Exact for a validated layout."""
-        return [sharded // layout.tp + replicated for sharded, replicated in self._stage_parts(layout)]
+        """Parameters on one rank of each pipeline stage: TP-sharded weights ÷ tp, routed experts
+        ÷ (ep × expert_tp), plus the RMSNorm weights and routers, which every rank holds whole.
+        Exact for a validated layout."""
+        return [sharded // layout.tp + replicated + experts // (layout.ep * layout.expert_tp)
+                for sharded, replicated, experts in self._stage_parts(layout)]
 
-    def _stage_parts(self, layout: ParallelLayout) -> list[tuple[int, int]]:
-        """Per pipeline rank: (TP-sharded parameters, replicated parameters)."""
+    def _layer_parts(self, layer: int) -> tuple[int, int, int]:
+        """One layer's (TP-sharded, replicated, expert-sharded) parameters."""
+        if layer not in self.moe_layer_ids:
+            return self.per_layer - self.per_layer_norms, self.per_layer_norms, 0
+        replicated = self.per_layer_norms + self.moe_router
+        return self.per_moe_layer - replicated - self.moe_experts, replicated, self.moe_experts
+
+    def _stage_parts(self, layout: ParallelLayout) -> list[tuple[int, int, int]]:
+        """Per pipeline rank: (TP-sharded, replicated, expert-sharded parameters)."""
         if layout.tp != self.tp:
             raise ValueError(f"counted for tp={self.tp} (vocab padding depends on it), but the layout has tp={layout.tp}")
-        sharded_layer = self.per_layer - self.per_layer_norms
         parts = []
         for rank, chunks in enumerate(layout.stage_layers(self.num_layers)):
-            layers = sum(end - start for start, end in chunks)
-            sharded, replicated = layers * sharded_layer, layers * self.per_layer_norms
+            layer_parts = [self._layer_parts(layer) for start, end in chunks for layer in range(start, end)]
+            sharded, replicated, experts = (sum(column) for column in zip(*layer_parts))
             if rank == 0:
                 sharded += self.embedding
             if rank == layout.pp - 1:
@@ -97,7 +141,7 @@ class ParamCount:
                     sharded += self.output_layer
                 elif layout.pp > 1:
                     sharded += self.embedding  # the last stage's copy of the tied weight
-            parts.append((sharded, replicated))
+            parts.append((sharded, replicated, experts))
         return parts
 
 
@@ -107,13 +151,16 @@ def count_parameters(model: ModelConfig, vocab_size: int, tp: int = 1) -> ParamC
     vocab = padded_vocab_size(vocab_size, model, tp)
     qkv = hidden * (model.num_attention_heads * head_dim + 2 * model.query_groups * head_dim)
     attn_out = model.num_attention_heads * head_dim * hidden
-    fc1 = hidden * 2 * model.ffn_size  # SwiGLU: gate and up projections, fused
-    fc2 = model.ffn_size * hidden
     norms = 2 * hidden  # input RMSNorm + pre-MLP RMSNorm
+    attention = qkv + attn_out
     embedding = vocab * hidden
+    moe = model.moe
+    expert = swiglu_parameters(hidden, model.expert_ffn_size)
+    router = moe.num_experts * hidden
+    shared = swiglu_parameters(hidden, moe.shared_experts * model.expert_ffn_size)
     return ParamCount(
         embedding=embedding,
-        per_layer=qkv + attn_out + fc1 + fc2 + norms,
+        per_layer=attention + swiglu_parameters(hidden, model.ffn_size) + norms,
         per_layer_norms=norms,
         final_norm=hidden,
         output_layer=0 if model.tie_embeddings else embedding,
@@ -121,7 +168,34 @@ def count_parameters(model: ModelConfig, vocab_size: int, tp: int = 1) -> ParamC
         padded_vocab=vocab,
         tie_embeddings=model.tie_embeddings,
         tp=tp,
+        moe_layer_ids=tuple(moe.moe_layers(model.num_layers)),
+        per_moe_layer=attention + norms + router + moe.num_experts * expert + shared if moe.enabled else 0,
+        moe_router=router,
+        moe_experts=moe.num_experts * expert,
+        moe_active_experts=moe.top_k * expert if moe.enabled else 0,
     )
+
+
+def swiglu_parameters(hidden: int, ffn: int) -> int:
+    """A SwiGLU MLP: fc1 holds the gate and up projections (hidden → 2 × ffn), fc2 is down."""
+    return hidden * 2 * ffn + ffn * hidden
+
+
+def matmul_parameters_per_token(model: ModelConfig) -> int:
+    """The transformer layers' matmul weights one token is multiplied by (norms excluded): attention
+    and the dense MLPs, and in MoE layers the router, its top_k experts and the shared experts."""
+    h = model.hidden_size
+    kv = model.query_groups * model.head_dim
+    attention = h * model.num_attention_heads * model.head_dim * 2 + 2 * h * kv
+    moe = model.moe
+    total = 0
+    for layer in range(model.num_layers):
+        if moe.is_moe_layer(layer):
+            total += attention + moe.num_experts * h + swiglu_parameters(
+                h, (moe.top_k + moe.shared_experts) * model.expert_ffn_size)
+        else:
+            total += attention + swiglu_parameters(h, model.ffn_size)
+    return total
 
 
 def human(n: float) -> str:
