@@ -123,8 +123,11 @@ def spread_writes(model_state: dict[str, Any], dp_rank: int, dp_size: int) -> No
     """Hand each DP-replicated model tensor to one DP rank to write (its replica id's DP
     component 0 there), balancing bytes, instead of DP rank 0 writing them all.
 
-    Every DP rank of a (TP, PP) position holds the same tensors in the same order, so each
-    computes the same assignment without communication.
+    Every DP rank of a (TP, PP) position holds the same dense tensors in the same order, so each
+    computes the same assignment without communication. MoE experts (megatron-core marks their
+    weights ``allreduce=False``) differ between the ranks of a DP group (each holds its expert-
+    parallel share) and are replicated over the expert-DP group instead: their writers stay
+    megatron-core's (expert-DP rank 0).
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -132,7 +135,8 @@ def spread_writes(model_state: dict[str, Any], dp_rank: int, dp_size: int) -> No
     if dp_size == 1:
         return
     entries = [e for e in nested_values(model_state) if isinstance(e, (ShardedTensor, ShardedTensorFactory))
-               and isinstance(e.replica_id, tuple) and e.replica_id[-1] == dp_rank]
+               and isinstance(e.replica_id, tuple) and e.replica_id[-1] == dp_rank
+               and getattr(e.data, "allreduce", True)]
     owners = balanced_owners([e.data.numel() * e.data.element_size() for e in entries], dp_size)
     for entry, owner in zip(entries, owners):
         entry.replica_id = dp_replica(entry.replica_id, (dp_rank - owner) % dp_size)
