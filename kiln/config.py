@@ -867,5 +867,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return config_from_dict(raw, overrides)
 
 
+def model_config_from_saved(saved: dict[str, Any]) -> ModelConfig:
+    """The ``model:`` section a checkpoint's kiln.json recorded (perhaps by another kiln version:
+    settings this version does not know are ignored; a run without model.moe is dense)."""
+    def known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return {key: value for key, value in raw.items() if key in names}
+
+    raw = known(ModelConfig, saved)
+    if isinstance(raw.get("moe"), dict):
+        raw["moe"] = MoeConfig(**known(MoeConfig, raw["moe"]))
+    return ModelConfig(**raw)
+
+
 def dump_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -16,7 +16,6 @@ Every part owns its state: this module asks each for ``state_dict()`` and hands 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -33,6 +32,8 @@ KILN_META = "kiln.json"
 _ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                       "tie_embeddings")
 _RESOLVED = {"num_query_groups": "query_groups", "ffn_hidden_size": "ffn_size"}  # None: a derived value
+# Mixture-of-experts settings that change which tensors exist or their shapes.
+_MOE_ARCHITECTURE_KEYS = ("num_experts", "shared_experts", "layer_freq")
 
 
 class RNGState:
@@ -144,16 +145,19 @@ def check_architecture(meta: dict[str, Any], model_config, where: Path) -> None:
 def architecture_differences(saved_model: dict[str, Any], model_config, source: str) -> list[str]:
     """``model.<key>: <source> A, config B`` for each shape setting that differs, compared as resolved
     (an unset num_query_groups or ffn_hidden_size means its derived value, not a different model)."""
-    from kiln.config import ModelConfig
+    from kiln.config import model_config_from_saved
 
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    saved = _architecture(ModelConfig(**{k: v for k, v in saved_model.items() if k in known}))
+    saved = _architecture(model_config_from_saved(saved_model))
     current = _architecture(model_config)
     return [f"model.{k}: {source} {saved[k]!r}, config {v!r}" for k, v in current.items() if saved[k] != v]
 
 
 def _architecture(model) -> dict[str, Any]:
-    return {key: getattr(model, _RESOLVED.get(key, key)) for key in _ARCHITECTURE_KEYS}
+    shape = {key: getattr(model, _RESOLVED.get(key, key)) for key in _ARCHITECTURE_KEYS}
+    shape.update({f"moe.{key}": getattr(model.moe, key) for key in _MOE_ARCHITECTURE_KEYS})
+    if model.moe.enabled:
+        shape["moe.expert_ffn_hidden_size"] = model.expert_ffn_size
+    return shape
 
 
 def tensor_keys(directory: Path) -> frozenset[str]:

@@ -10,7 +10,6 @@ that ``AutoTokenizer`` reads). Written into ``OUT.tmp-<pid>`` and renamed when c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.checkpoint import tools
-from kiln.config import ModelConfig
+from kiln.config import ModelConfig, model_config_from_saved
 from kiln.errors import KilnCheckpointError
 from kiln.hf import llama
 from kiln.hf.weights import parse_size, save_safetensors
@@ -43,8 +42,7 @@ def saved_model_config(meta: dict[str, Any], step_dir: Path) -> ModelConfig:
     if not saved:
         raise KilnCheckpointError(f"{step_dir} has no readable kiln.json with the run's model settings; export needs "
                                   f"them for config.json; {tools.other_steps_hint(step_dir)}")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{key: value for key, value in saved.items() if key in known})
+    return model_config_from_saved(saved)
 
 
 def export_dtype(meta: dict[str, Any], requested: str | None) -> str:
