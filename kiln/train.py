@@ -108,6 +108,7 @@ def run(config: RunConfig) -> list[dict]:
     from kiln.trainer.garbage import ScheduledGarbageCollection
     from kiln.trainer.loop import Trainer
     from kiln.trainer.preemption import PreemptionWatcher
+    from kiln.trainer.routing import RoutingMetrics
     from kiln.trainer.watchdog import HangWatchdog
 
     # For runs not started by the CLI.
@@ -146,6 +147,7 @@ def run(config: RunConfig) -> list[dict]:
                                         max_steps=config.train.max_steps, run_config=config.to_dict()),
                        *build_guard(config, ctx.rank, run_dir),
                        *([ScheduledGarbageCollection(config.train.gc_every)] if config.train.gc_every else []),
+                       *([RoutingMetrics(config.model.moe, config.model.num_layers)] if config.model.moe.enabled else []),
                        *([HangWatchdog(config.watchdog, rank=ctx.rank, run_dir=run_dir,
                                        device_type=ctx.device.type)] if config.watchdog.timeout_s else [])],
             checkpoint_every=config.checkpoint.every, checkpointer=checkpointer, preemption=preemption,

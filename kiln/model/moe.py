@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from kiln.config import ModelConfig
+from kiln.parallel import collectives
 
 
 def moe_transformer_settings(model: ModelConfig, layout, *, grouped_gemm: bool) -> dict[str, Any]:
@@ -44,3 +47,106 @@ def moe_transformer_settings(model: ModelConfig, layout, *, grouped_gemm: bool) 
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
     )
+
+
+# megatron-core's layer-wise tracker names → kiln's metric names.
+_TRACKED_LOSSES = {"load_balancing_loss": "moe_aux_loss", "seq_load_balancing_loss": "moe_aux_loss",
+                   "global_load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}
+
+
+class RoutingRecorder:
+    """How each MoE layer routed one training step's tokens, summed over the whole job.
+
+    A forward hook on every router counts, per (global) layer, the tokens each expert received
+    (megatron-core's routing map, after any capacity drop) and the token-expert pairs asked for
+    (tokens × top_k). The counts stay on the device until a logged step reduces them: each rank
+    routes its own tokens (its dp replica, its cp chunk, its sequence-parallel shard), so the sum
+    over all ranks is the layer's load. The aux and z losses come from megatron-core's own tracker
+    (values without their coefficients, summed over micro-batches).
+    """
+
+    def __init__(self, model_parts, moe, num_layers: int, num_microbatches: int) -> None:
+        self.moe, self.num_layers, self.num_microbatches = moe, num_layers, num_microbatches
+        self.device = collectives.bound_device()
+        self.routed = torch.zeros(num_layers, moe.num_experts, dtype=torch.float64, device=self.device)
+        self.asked = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
+        self.held = torch.zeros(num_layers, dtype=torch.float64)  # layers this rank holds (their router)
+        self.handles = []
+        for part in model_parts:
+            for module in part.modules():
+                if type(module).__name__ == "TopKRouter":
+                    self.held[module.layer_number - 1] = 1.0
+                    self.handles.append(module.register_forward_hook(self._count))
+
+    def _count(self, router, inputs, outputs) -> None:
+        # Skip evaluation, and activation recomputation re-running the router inside backward.
+        if not router.training or torch._C._current_graph_task_id() != -1:
+            return
+        _probs, routing_map = outputs
+        layer = router.layer_number - 1
+        self.routed[layer] += routing_map.sum(dim=0, dtype=torch.float64)
+        self.asked[layer] += routing_map.shape[0] * self.moe.top_k
+
+    def start_step(self) -> None:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        self.routed.zero_()
+        self.asked.zero_()
+        clear_aux_losses_tracker()
+
+    def metrics(self) -> dict[str, float]:
+        """The last step's routing metrics (collective: every rank calls it)."""
+        losses = {}
+        for tracked, values in _tracked_losses().items():
+            # Mean over the ranks holding each layer of the per-micro-batch value.
+            sums = collectives.reduce_floats([*(values.double().cpu() / self.num_microbatches).tolist(),
+                                              *self.held.tolist()])
+            per_layer = [total / holders for total, holders in zip(sums[:self.num_layers], sums[self.num_layers:])
+                         if holders]
+            losses[tracked] = sum(per_layer) / len(per_layer) if per_layer else 0.0
+        reduced = collectives.reduce_floats([*self.routed.flatten().tolist(), *self.asked.tolist()])
+        routed = torch.tensor(reduced[:self.routed.numel()], dtype=torch.float64).view_as(self.routed)
+        asked = torch.tensor(reduced[self.routed.numel():], dtype=torch.float64)
+        return {**losses, **expert_load_metrics(routed, asked, self.moe.moe_layers(self.num_layers))}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _tracked_losses() -> dict[str, torch.Tensor]:
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    losses: dict[str, torch.Tensor] = {}
+    for name, entry in get_moe_layer_wise_logging_tracker().items():
+        metric = _TRACKED_LOSSES.get(name)
+        if metric is not None:
+            losses[metric] = losses[metric] + entry["values"] if metric in losses else entry["values"].clone()
+    return losses
+
+
+def expert_load_metrics(routed, asked, moe_layers: list[int]) -> dict[str, float]:
+    """Per MoE layer, from the tokens each expert received (``routed`` [layers, experts]) and the
+    token-expert pairs asked for (``asked`` [layers]): the busiest expert's load over the mean
+    (1.0 = balanced, num_experts = everything on one expert) and the coefficient of variation
+    (std / mean over experts; 0 = balanced); over the layers, the worst max/mean, the mean CV and
+    the fraction of pairs dropped at capacity."""
+    metrics: dict[str, float] = {}
+    max_over_mean, cv = [], []
+    for layer in moe_layers:
+        load = routed[layer]
+        mean = float(load.mean())
+        if mean <= 0:
+            continue
+        max_over_mean.append(float(load.max()) / mean)
+        cv.append(float(load.std(unbiased=False)) / mean)
+        metrics[f"moe_load_max_over_mean_layer_{layer}"] = max_over_mean[-1]
+        metrics[f"moe_load_cv_layer_{layer}"] = cv[-1]
+    if cv:
+        metrics["moe_load_max_over_mean"] = max(max_over_mean)
+        metrics["moe_load_cv"] = sum(cv) / len(cv)
+    total_asked = float(asked[moe_layers].sum())
+    if total_asked > 0:
+        metrics["moe_dropped_fraction"] = 1.0 - float(routed[moe_layers].sum()) / total_asked
+    return metrics

@@ -14,7 +14,8 @@ node sees, as the checkpoints already need. Without a launcher (one process ``ki
 or a torchrun you start yourself) rank 0 ships from a thread of its own process: a kill of rank
 0 then takes the W&B records still buffered with it, and the next start catches up (below).
 
-**Record → W&B row** (``wandb_row``): ``step`` is the W&B step; ``val_<name>`` → ``val/<name>``;
+**Record → W&B row** (``wandb_row``): ``step`` is the W&B step; ``val_<name>`` → ``val/<name>``,
+``moe_<name>`` (the MoE routing metrics) → ``moe/<name>``;
 a nested object ``<name>: {field: value}`` → ``<name>/<field>`` (the loss-spike guard's events:
 ``guard/kind``, ``guard/zscore``, ...; deeper objects keep adding ``/<field>``); every other key
 → ``train/<key>``. Numbers and strings go as they are, lists as their JSON text, nulls not at all.
@@ -58,8 +59,15 @@ def wandb_row(record: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict):
             _flatten(key, value, row)
         elif value is not None:
-            row[f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"] = _plain(value)
+            row[_wandb_key(key)] = _plain(value)
     return row
+
+
+def _wandb_key(key: str) -> str:
+    for prefix in ("val", "moe"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return f"train/{key}"
 
 
 def _flatten(prefix: str, fields: dict[str, Any], row: dict[str, Any]) -> None:

@@ -55,6 +55,10 @@ class Callback:
     def on_rollback(self, trainer) -> None:
         pass
 
+    def metrics(self, trainer) -> dict[str, Any]:
+        """Values this callback adds to a logged step's record (called on every rank: may be collective)."""
+        return {}
+
     def on_log(self, trainer, metrics: dict[str, Any]) -> None:
         pass
 
@@ -85,8 +89,19 @@ class ConsoleLogger(Callback):
             + (f" | rank {m['slowest_rank']} {m['step_time_spread']:.2f}× median" if m.get("step_time_spread", 1) > 1.2
                else "")
             + (f" | skipped {m['skipped_steps']}" if m.get("skipped_steps") else "")
+            + _moe_summary(m)
             + (f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
         )
+
+
+def _moe_summary(m: dict[str, Any]) -> str:
+    """Routing at a glance: the aux loss, the worst layer's busiest expert over the mean, the mean
+    coefficient of variation of expert load (per layer in metrics.jsonl), dropped tokens."""
+    if "moe_load_cv" not in m:
+        return ""
+    return (f" | moe aux {m.get('moe_aux_loss', 0.0):.3f} load max/mean {m['moe_load_max_over_mean']:.2f} "
+            f"cv {m['moe_load_cv']:.2f}" + (f" dropped {m['moe_dropped_fraction'] * 100:.1f}%"
+                                            if m.get("moe_dropped_fraction") else ""))
 
 
 class JsonlLogger(Callback):

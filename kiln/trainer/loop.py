@@ -277,6 +277,8 @@ class Trainer:
             **timing,
             **memory_metrics(self.ctx.device),
         }
+        for callback in self.callbacks:
+            metrics.update(callback.metrics(self))
         if self.state.skipped_steps:
             metrics["skipped_steps"] = self.state.skipped_steps
         if result.loss_scale is not None:
