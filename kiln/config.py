@@ -672,6 +672,10 @@ class RunConfig:
         _check(moe.num_experts % p.ep == 0,
                f"model.moe.num_experts({moe.num_experts}) is not divisible by parallel.ep({p.ep}): every expert-parallel "
                f"rank holds the same number of experts")
+        _check(p.ep > 1 or p.expert_tp_size == p.tp,
+               f"parallel.expert_tp({p.expert_tp}) differs from parallel.tp({p.tp}) with parallel.ep=1: megatron-core "
+               "splits experts differently from the dense layers only under expert parallelism; set parallel.ep > 1 "
+               "or remove parallel.expert_tp")
         _check(self.model.expert_ffn_size % p.expert_tp_size == 0,
                f"the expert ffn size({self.model.expert_ffn_size}) is not divisible by parallel.expert_tp"
                f"({p.expert_tp_size})")

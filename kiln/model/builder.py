@@ -21,7 +21,7 @@ from kiln.kernels.fusions import fusion_settings
 from kiln.kernels.spec import (experts_run_grouped, initialize_tp_comm_overlap, select_block_spec,
                                uses_transformer_engine)
 from kiln.model.init import init_weights
-from kiln.model.moe import moe_transformer_settings
+from kiln.model.moe import mark_expert_parameters, moe_transformer_settings
 from kiln.parallel.backend import ParallelContext
 from kiln.plan.params import count_parameters, human_exact, padded_vocab_size
 
@@ -150,6 +150,7 @@ def build_model(model_config: ModelConfig, parallel: ParallelConfig, train: Trai
         # spec's torch norms otherwise stay fp32, which the bf16 optimizer's checkpoint
         # mapping (fp32 master copies of bf16 params only) does not expect.
         model.to(device=ctx.device, dtype=tconfig.params_dtype)
+        mark_expert_parameters(model)
         init_weights(model, model_config, ctx, seed=train.seed)
         models.append(model)
     if kernels.compile:

@@ -150,3 +150,18 @@ def expert_load_metrics(routed, asked, moe_layers: list[int]) -> dict[str, float
     if total_asked > 0:
         metrics["moe_dropped_fraction"] = 1.0 - float(routed[moe_layers].sum()) / total_asked
     return metrics
+
+
+def mark_expert_parameters(model: torch.nn.Module) -> None:
+    """Give every routed expert's weights megatron-core's expert-parallel mark (``allreduce=False``)
+    whatever parallel.ep is.
+
+    megatron-core marks them only when ep > 1; with ep = 1 they are reduced and stepped with the
+    dense weights, in one optimizer, while ep > 1 chains a dense and an expert optimizer, whose
+    checkpoint keys differ (``chained_<i>.`` prefixes). Marked always, an MoE checkpoint has one
+    format, and a run saved with ep=2 resumes with ep=1 and back. (With ep = 1 the expert data-
+    parallel group is the dense one, so the reduction is the same.)
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
