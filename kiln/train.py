@@ -83,10 +83,15 @@ def report_state_bytes(engine, ctx, run_dir: Path) -> None:
     <run_dir>/state_bytes.json (collective)."""
     from kiln.parallel import collectives
 
-    reports = collectives.all_gather_object({"rank": ctx.rank, **ctx.coords, **engine.state_bytes()})
+    layout = ctx.layout
+    experts = layout.expert_coords(ctx.rank) if layout.splits_experts else {}
+    reports = collectives.all_gather_object({"rank": ctx.rank, **ctx.coords, **experts, **engine.state_bytes()})
     if ctx.rank == 0:
         for r in reports:
-            log.info(f"rank {r['rank']} (dp {r['dp']}, tp {r['tp']}, pp {r['pp']}): parameters "
+            where = f"dp {r['dp']}, tp {r['tp']}, pp {r['pp']}" + (f", cp {r['cp']}" if layout.cp > 1 else "")
+            if experts:
+                where += f"; experts: ep {r['ep']}, expert_tp {r['expert_tp']}, expert_dp {r['expert_dp']}"
+            log.info(f"rank {r['rank']} ({where}): parameters "
                      f"{r['parameters'] / 2**20:.2f} MiB, gradients {r['gradients'] / 2**20:.2f} MiB, "
                      f"optimizer states {r['optimizer'] / 2**20:.2f} MiB")
         description = engine.describe(engine.parallel_config)

@@ -99,6 +99,11 @@ class ParallelLayout:
                 f"parallel.ep={self.tp * self.cp}, or parallel.pp=1 (MoE layouts usually trade pp for ep)")
 
     @property
+    def splits_experts(self) -> bool:
+        """Whether experts are laid out differently from the dense layers (their groups are worth printing)."""
+        return self.ep > 1 or self.expert_tp != self.tp * self.cp
+
+    @property
     def expert_dp(self) -> int:
         """Data-parallel size of the expert weights: the stage's ranks over expert_tp × ep."""
         return self.tp * self.cp * self.dp // (self.expert_tp * self.ep)
@@ -185,7 +190,7 @@ class ParallelLayout:
             shown = "  ".join(_fmt_group(g) for g in groups[:max_groups])
             more = f"  … {len(groups) - max_groups} more" if len(groups) > max_groups else ""
             lines.append(f"  {axis} groups ({len(groups)} × {len(groups[0])} ranks): {shown}{more}")
-        if self.ep > 1 or self.expert_tp != self.tp * self.cp:
+        if self.splits_experts:
             lines.append(f"  experts: each stage's {self.tp * self.cp * self.dp} ranks = expert_dp {self.expert_dp} × "
                          f"ep {self.ep} × expert_tp {self.expert_tp}")
             for axis, name in (("ep", "ep"), ("tp", "expert_tp"), ("dp", "expert_dp")):

@@ -99,9 +99,9 @@ def _moe_summary(m: dict[str, Any]) -> str:
     coefficient of variation of expert load (per layer in metrics.jsonl), dropped tokens."""
     if "moe_load_cv" not in m:
         return ""
-    return (f" | moe aux {m.get('moe_aux_loss', 0.0):.3f} load max/mean {m['moe_load_max_over_mean']:.2f} "
-            f"cv {m['moe_load_cv']:.2f}" + (f" dropped {m['moe_dropped_fraction'] * 100:.1f}%"
-                                            if m.get("moe_dropped_fraction") else ""))
+    return (" | moe" + (f" aux {m['moe_aux_loss']:.3f}" if "moe_aux_loss" in m else "")
+            + f" load max/mean {m['moe_load_max_over_mean']:.2f} cv {m['moe_load_cv']:.2f}"
+            + (f" dropped {m['moe_dropped_fraction'] * 100:.1f}%" if m.get("moe_dropped_fraction") else ""))
 
 
 class JsonlLogger(Callback):
