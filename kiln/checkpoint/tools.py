@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,12 @@ from kiln.errors import KilnCheckpointError, KilnEnvironmentError
 
 DCP_INDEX = ".metadata"  # torch DCP's index of every tensor and object in the checkpoint
 OPTIMIZER_PREFIX = "optimizer."
+# megatron-core chains a dense and an expert optimizer for MoE models: chained_<i>.optimizer.*
+_CHAINED_OPTIMIZER = re.compile(r"^chained_\d+\.optimizer\.")
+
+
+def is_optimizer_tensor(name: str) -> bool:
+    return name.startswith(OPTIMIZER_PREFIX) or bool(_CHAINED_OPTIMIZER.match(name))
 EXIT_DAMAGED = 2  # kiln.cli's exit code for a bad config, dataset or checkpoint
 FORMATS = ("torch", "safetensors")
 
@@ -48,7 +55,7 @@ class TensorEntry:
 
     @property
     def kind(self) -> str:
-        return "optimizer" if self.name.startswith(OPTIMIZER_PREFIX) else "model"
+        return "optimizer" if is_optimizer_tensor(self.name) else "model"
 
     @property
     def numel(self) -> int:

@@ -65,7 +65,7 @@ def exported_weights(step_dir: Path, checksums: bool) -> dict[str, Any]:
         return entry.kind == "model" or (prefix is not None and entry.name.startswith(prefix))
 
     loaded = tools.load_verified_tensors(step_dir, wanted, checksums, "export")
-    model = {name: tensor for name, tensor in loaded.items() if not name.startswith(tools.OPTIMIZER_PREFIX)}
+    model = {name: tensor for name, tensor in loaded.items() if not tools.is_optimizer_tensor(name)}
     return {name: loaded.get(f"{prefix}{name}", tensor) if prefix else tensor for name, tensor in model.items()}
 
 

@@ -14,7 +14,8 @@ CPU once a few assumptions hold, and this module makes them hold for the whole p
 * The CUDA RNG tracker gets a CPU counterpart that keeps named CPU generator states.
 * ``torch.cuda.Stream``/``Event``/``stream`` (the MoE all-to-all dispatcher copies its split sizes
   to the host on a side stream and waits on an event) become no-ops: CPU work is in order; and
-  ``all_to_all_single`` takes the split sizes that then stay tensors.
+  ``all_to_all_single`` takes the split sizes that then stay tensors, and ``all_gather`` and
+  ``reduce_scatter`` take pieces of different lengths (as NCCL does, and gloo does not).
 
 This is what lets ``kiln train --device cpu`` rehearse a cluster's exact parallel layout on a
 laptop (or on a GPU login node: the GPUs are then hidden from the process, so that megatron-core
@@ -166,6 +167,50 @@ def _all_to_all_single_taking_tensor_splits(all_to_all_single):
     return wrapper
 
 
+def _all_gather_taking_uneven_sizes(all_gather):
+    """all_gather whose output tensors may differ in their first dimension, as NCCL allows and gloo
+    does not (the MoE all-to-all dispatcher gathers each expert-TP rank's tokens this way): the
+    pieces are padded to the longest, gathered, and cut back."""
+
+    @functools.wraps(all_gather)
+    def wrapper(tensor_list, tensor, group=None, async_op=False):
+        rows = [piece.shape[0] for piece in tensor_list]
+        if len(set(rows)) <= 1 or async_op:
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(rows)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        all_gather(gathered, padded, group=group)
+        for piece, full, count in zip(tensor_list, gathered, rows):
+            piece.copy_(full[:count])
+        return None
+
+    return wrapper
+
+
+def _reduce_scatter_taking_uneven_sizes(reduce_scatter):
+    """reduce_scatter of a list of pieces of different lengths (the backward of the uneven
+    all_gather above), which gloo lacks: every piece padded to the longest, all-reduced, and this
+    rank's piece cut out."""
+
+    @functools.wraps(reduce_scatter)
+    def wrapper(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        rows = [piece.shape[0] for piece in input_list]
+        if len(set(rows)) <= 1 or async_op:
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        longest = max(rows)
+        stacked = output.new_zeros((len(input_list), longest, *output.shape[1:]))
+        for index, piece in enumerate(input_list):
+            stacked[index, :piece.shape[0]] = piece
+        torch.distributed.all_reduce(stacked, op=op, group=group)
+        own = torch.distributed.get_rank(group)
+        output.copy_(stacked[own, :rows[own]])
+        return None
+
+    return wrapper
+
+
 def install() -> None:
     """Switch the process into CPU emulation of CUDA for megatron-core. Idempotent."""
     global _installed
@@ -181,6 +226,8 @@ def install() -> None:
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.current_stream = lambda *a, **k: torch.cpu.current_stream()  # type: ignore[assignment]
     torch.distributed.all_to_all_single = _all_to_all_single_taking_tensor_splits(torch.distributed.all_to_all_single)
+    torch.distributed.all_gather = _all_gather_taking_uneven_sizes(torch.distributed.all_gather)
+    torch.distributed.reduce_scatter = _reduce_scatter_taking_uneven_sizes(torch.distributed.reduce_scatter)
     torch.cuda.Stream = _CpuStream  # type: ignore[assignment]
     torch.cuda.Event = _CpuEvent  # type: ignore[assignment]
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
