@@ -25,7 +25,7 @@ from kiln.errors import KilnCheckpointError
 # W&B or sequence parallelism (which needs tp > 1 and a sequence divisible by it) have no use here.
 INFERENCE_DEFAULTS = (
     "parallel.tp=1", "parallel.pp=1", "parallel.cp=1", "parallel.dp=null", "parallel.virtual_pp=null",
-    "parallel.sequence_parallel=false", "parallel.tp_comm_overlap=false",
+    "parallel.ep=1", "parallel.expert_tp=null", "parallel.sequence_parallel=false", "parallel.tp_comm_overlap=false",
     "train.device=auto", "train.run_dir=null", "kernels.compile=false", "logging.wandb=disabled",
 )
 
