@@ -9,6 +9,7 @@ CUDA context, which ``max_memory_allocated`` does not see either.
 
     python bench/memory.py                       # CPU: tiny and mid-size configs, every engine
     python bench/memory.py --only tiny --json runs/memory.json
+    python bench/memory.py --only mid-moe --engines "megatron,megatron dist-opt"   # MoE, EP=2
     python bench/memory.py --device cuda --size 1b  # on a GPU machine
 """
 
@@ -30,6 +31,10 @@ SIZES = {
     # mid-size for a CPU: 8 layers, hidden 512 (~ 30M parameters with the bundled vocabulary)
     "mid": ["model.num_layers=8", "model.hidden_size=512", "model.num_attention_heads=8", "model.num_query_groups=4",
             "model.seq_len=256", "train.micro_batch_size=4", "train.global_batch_size=16"],
+    # mid-size mixture of experts: 8 experts of width 512, top-2, split over 2 ranks (megatron engine only)
+    "mid-moe": ["model.num_layers=8", "model.hidden_size=512", "model.num_attention_heads=8", "model.num_query_groups=4",
+                "model.seq_len=256", "train.micro_batch_size=4", "train.global_batch_size=16",
+                "model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.expert_ffn_hidden_size=512", "parallel.ep=2"],
     "1b": ["model.num_layers=16", "model.hidden_size=2048", "model.num_attention_heads=32", "model.num_query_groups=8",
            "model.seq_len=2048", "train.micro_batch_size=2", "train.global_batch_size=16"],
 }
