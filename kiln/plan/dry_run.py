@@ -77,20 +77,20 @@ def dry_run_report(name: str, layout: ParallelLayout, *, model: ModelConfig, par
         f"{model.query_groups} kv heads (head dim {model.head_dim}), ffn {model.ffn_size}, seq_len {model.seq_len}",
         f"  vocab {vocab:,} ({padding}), embeddings {'tied' if model.tie_embeddings else 'untied'}",
     ]
-    if model.moe.enabled:
+    is_moe = model.moe.enabled
+    if is_moe:
         lines += _moe_lines(model)
     lines.append("")
 
-    moe = model.moe.enabled
     lines += ["parameters", f"  total {human_exact(params.total)}"]
-    if moe:
+    if is_moe:
         lines.append(f"  active per token {human_exact(params.active)}: {moe_routing(model)}")
     lines.append(
         f"  embedding {human(params.embedding)}, {_layer_sizes(params, model)}, "
         f"final norm {params.final_norm:,}, output layer "
         + (human(params.output_layer) if params.output_layer else "tied to the embedding"))
     share = f"tp-sharded weights / tp {layout.tp}, " + (
-        f"routed experts / (ep {layout.ep} × expert_tp {layout.expert_tp}), norms and routers replicated" if moe
+        f"routed experts / (ep {layout.ep} × expert_tp {layout.expert_tp}), norms and routers replicated" if is_moe
         else "norms replicated")
     lines.append(f"  per pipeline stage (one rank's share: {share}):")
     rows = []
@@ -102,7 +102,7 @@ def dry_run_report(name: str, layout: ParallelLayout, *, model: ModelConfig, par
             where += " + embedding"
         if stage == layout.pp - 1:
             where += " + final norm" + _output_piece(model.tie_embeddings, layout.pp)
-        rows.append((where, human_exact(whole), human(rank) + (f" (routed experts {human(experts)})" if moe else "")))
+        rows.append((where, human_exact(whole), human(rank) + (f" (routed experts {human(experts)})" if is_moe else "")))
     width = max(len(where) for where, _, _ in rows)
     swidth = max(len(whole) for _, whole, _ in rows)
     lines += [f"    {where:<{width}}  {whole:<{swidth}}  per rank {rank}" for where, whole, rank in rows]

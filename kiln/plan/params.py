@@ -120,7 +120,7 @@ class ParamCount:
 
     def experts_per_rank(self, layout: ParallelLayout) -> list[int]:
         """Of :meth:`per_rank`, the routed experts' parameters: megatron-core reduces their gradients and
-        shards their optimizer state over expert_dp, not dp."""
+        shards their optimizer state over expert_dp, not dp × cp."""
         return [experts // (layout.ep * layout.expert_tp) for _, _, experts in self._stage_parts(layout)]
 
     def _layer_parts(self, layer: int) -> tuple[int, int, int]:
