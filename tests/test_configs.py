@@ -11,7 +11,7 @@ from kiln.config import RunConfig, load_config
 from kiln.errors import KilnConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = ["llama3-125m", "llama3-1b", "llama3-8b", "llama3-70b"]
+PRESETS = ["llama3-125m", "llama3-1b", "llama3-8b", "llama3-70b", "mixtral-small"]
 GPU_COUNTS = [8, 64, 512]
 
 
@@ -71,7 +71,10 @@ def test_table_row_validates(config_file: str, gpus: int, overrides: list[str], 
     config = load_config(CONFIGS / config_file, overrides)
     layout = config.layout(gpus)
     vpp = f" (virtual {layout.virtual_pp})" if layout.virtual_pp else ""
-    assert layout_text == f"tp {layout.tp}, pp {layout.pp}{vpp}, dp {layout.dp}"
+    experts = ""
+    if config.model.moe.enabled:
+        experts = f", ep {layout.ep}" + (f" (expert_tp {layout.expert_tp})" if layout.expert_tp != layout.tp else "")
+    assert layout_text == f"tp {layout.tp}, pp {layout.pp}{vpp}, dp {layout.dp}{experts}"
     assert batch_text == f"{config.train.micro_batch_size} × {layout.num_microbatches(config.train)}"
     # tokens per step stay ~1-4M whatever the GPU count
     assert 1_000_000 <= config.train.global_batch_size * config.model.seq_len <= 4_200_000

@@ -75,6 +75,10 @@ class RankShare:
     half: bool
     """bf16/fp16/fp8 training: optimizers keep fp32 master weights."""
     device_type: str
+    experts: float = 0.0
+    """Of ``parameters``, the routed experts' (model.moe): megatron-core reduces their gradients and shards
+    their optimizer state over expert_dp, not dp × cp."""
+    expert_dp: int = 1
 
     @property
     def outside_layers(self) -> float:
@@ -100,6 +104,9 @@ class PlannedState:
     overlapped: bool
     """The reduction overlaps backward."""
     description: str
+    expert_traffic: float = 0.0
+    """Of gradient_traffic + parameter_traffic, the routed experts' bytes, which cross expert_dp (ring
+    (expert_dp − 1)/expert_dp) instead of DP."""
 
 
 class Engine(abc.ABC):

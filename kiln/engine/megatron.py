@@ -69,19 +69,27 @@ class MegatronEngine(Engine):
     def plan_state(cls, share: RankShare, parallel: ParallelConfig, optim: OptimConfig) -> PlannedState:
         """Weights in the training dtype, the contiguous fp32 gradient buffer (grad_reduce_in_fp32), Adam's
         two moments plus fp32 masters of half-precision weights (fp32 runs step the weights themselves),
-        sharded over dp × cp by the distributed optimizer."""
-        n, distributed = share.parameters, optim.distributed_optimizer
+        sharded over dp × cp by the distributed optimizer, and the routed experts' over expert_dp."""
+        n, experts, distributed = share.parameters, share.experts, optim.distributed_optimizer
         shards = share.dp * share.cp if distributed else 1
+        expert_shards = share.expert_dp if distributed else 1
         per_param = 8 + (4 if share.half else 0)
+        # bytes per parameter over DP: fp32 gradients reduce-scattered (all-reduced: twice that), and the
+        # distributed optimizer's all-gather of the updated weights
+        gradient_bytes, gather_bytes = (4, share.param_bytes) if distributed else (8, 0)
         # On CPU the gradient buffer is one bucket, and gloo reduce-scatters a copy of it.
         copy = n * 4 if distributed and shards > 1 and share.device_type == "cpu" else 0.0
+        sharding = f"{per_param} bytes per parameter"
+        if shards > 1 or expert_shards > 1:
+            sharding = f"(fp32 masters + 2 moments) over dp×cp = {shards} (distributed optimizer)" + (
+                f", routed experts' over expert_dp = {expert_shards}" if experts else "")
         return PlannedState(
-            parameters=n * share.param_bytes, gradients=n * 4, optimizer=n * per_param / shards, buffers=0.0,
-            reduction_copy=copy, gradient_traffic=n * 4 * (1 if distributed else 2),
-            parameter_traffic=n * share.param_bytes if distributed else 0.0, overlapped=parallel.overlap_grad_reduce,
-            description=f"megatron-core DDP: {share.param_bytes}-byte weights, fp32 gradient buffer; Adam "
-                        + (f"(fp32 masters + 2 moments) over dp×cp = {shards} (distributed optimizer)" if shards > 1
-                           else f"{per_param} bytes per parameter"))
+            parameters=n * share.param_bytes, gradients=n * 4,
+            optimizer=((n - experts) / shards + experts / expert_shards) * per_param, buffers=0.0,
+            reduction_copy=copy, gradient_traffic=n * gradient_bytes, parameter_traffic=n * gather_bytes,
+            overlapped=parallel.overlap_grad_reduce,
+            description=f"megatron-core DDP: {share.param_bytes}-byte weights, fp32 gradient buffer; Adam {sharding}",
+            expert_traffic=experts * (gradient_bytes + gather_bytes))
 
     @classmethod
     def plan_settings(cls, parallel: ParallelConfig, optim: OptimConfig) -> dict[str, Any]:

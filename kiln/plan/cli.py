@@ -5,17 +5,25 @@ The JSON (``--json``) has these keys:
 * ``config``, ``gpus``, ``gpu`` (the accelerator row: name, peak, memory, bandwidths);
 * ``layout``: tp, pp, cp, dp, virtual_pp, engine, engine_description, engine_settings (the
   engine's memory settings: distributed_optimizer; zero_stage and offloads; reshard_after_forward),
-  sequence_parallel, micro_batch_size, recompute;
-* ``parameters``: total, non_embedding, per_rank (per pipeline stage);
+  sequence_parallel, micro_batch_size, recompute, ep, expert_tp, expert_dp (the expert layout of
+  MoE layers; 1, tp × cp and dp for a dense model);
+* ``moe``: null for a dense model, else num_experts, top_k, shared_experts, expert_ffn_size,
+  moe_layers (0-based), routing (in words);
+* ``parameters``: total, active (per token: an MoE model's routed experts count top_k of num_experts;
+  equal to total for a dense model), non_embedding, per_rank (per pipeline stage), experts_per_rank
+  (of per_rank, the routed experts: divided over ep × expert_tp);
 * ``memory``: ``bytes`` per component (parameters, gradients, optimizer, activations,
   output_and_loss, buffers, allocator_and_context), ``total_bytes``, ``capacity_bytes``,
   ``fits``, ``biggest``, ``stage`` (the pipeline stage counted), ``notes``;
-* ``throughput``: flops_per_token, model_flops_per_step, hardware_flops_per_step, step_time_s,
-  tokens_per_s, tokens_per_s_per_gpu, mfu, ``breakdown_s``, ``assumptions`` (null without
-  tensor cores for the precision);
-* ``scaling``: parameters, tokens, tokens_per_parameter, chinchilla_optimal_tokens,
-  training_flops, predicted_loss, budget_flops, ``optimal`` (approach 1 and 3: parameters,
-  tokens, predicted_loss);
+* ``throughput``: flops_per_token (from active parameters), model_flops_per_step,
+  hardware_flops_per_step, step_time_s, tokens_per_s, tokens_per_s_per_gpu, mfu, ``breakdown_s``
+  (compute, tp_comm, ep_comm, cp_comm_exposed, pipeline_bubble, dp_comm_exposed, optimizer),
+  ``assumptions`` (with expert_dispatch for MoE models); throughput is null without tensor cores for
+  the precision;
+* ``scaling``: parameters (an MoE model's active ones: the fits are for dense models, see
+  kiln.plan.scaling), moe_total_parameters (null for a dense model), tokens, tokens_per_parameter,
+  chinchilla_optimal_tokens, training_flops, predicted_loss, budget_flops, ``optimal`` (approach 1
+  and 3: parameters, tokens, predicted_loss);
 * ``search`` (with ``--search``): the layouts that fit, fastest first, each with ``layout``,
   ``memory_total_bytes``, ``tokens_per_s``, ``mfu``, ``step_time_s``.
 """
@@ -78,9 +86,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def plan_json(plan, accel: Accelerator, gpus: int, scaling, found) -> dict:
-    from kiln.plan.params import count_parameters
+    from kiln.plan.params import count_parameters, moe_routing
 
-    params = count_parameters(plan.config.model, plan.vocab_size, tp=plan.layout.tp)
+    model = plan.config.model
+    params = count_parameters(model, plan.vocab_size, tp=plan.layout.tp)
+    moe = None
+    if model.moe.enabled:
+        moe = {"num_experts": model.moe.num_experts, "top_k": model.moe.top_k,
+               "shared_experts": model.moe.shared_experts, "expert_ffn_size": model.expert_ffn_size,
+               "moe_layers": list(params.moe_layer_ids), "routing": moe_routing(model)}
     report = {
         "config": plan.config.name, "gpus": gpus,
         "gpu": {"name": accel.name, "memory_bytes": accel.memory_bytes, "bf16_tflops": accel.bf16_flops / 1e12,
@@ -88,8 +102,10 @@ def plan_json(plan, accel: Accelerator, gpus: int, scaling, found) -> dict:
                 "nvlink_gbps": accel.nvlink_gbps, "network_gbps": accel.network_gbps,
                 "gpus_per_node": accel.gpus_per_node},
         "layout": plan.layout_json(),
-        "parameters": {"total": params.total, "non_embedding": params.non_embedding,
-                       "per_rank": params.per_rank(plan.layout)},
+        "moe": moe,
+        "parameters": {"total": params.total, "active": params.active, "non_embedding": params.non_embedding,
+                       "per_rank": params.per_rank(plan.layout),
+                       "experts_per_rank": params.experts_per_rank(plan.layout)},
         "memory": plan.memory_json(),
         "throughput": plan.throughput.as_json() if plan.throughput else None,
         "scaling": scaling.as_json(),
@@ -102,16 +118,19 @@ def plan_json(plan, accel: Accelerator, gpus: int, scaling, found) -> dict:
 
 
 def format_plan(r: dict) -> str:
-    lay, mem, thr, sc = r["layout"], r["memory"], r["throughput"], r["scaling"]
+    lay, mem, thr, sc, moe, params = r["layout"], r["memory"], r["throughput"], r["scaling"], r["moe"], r["parameters"]
     engine = lay["engine_description"] + (" + distributed optimizer" if lay["engine_settings"].get(
         "distributed_optimizer") else "")
     lines = [
         f"kiln plan: {r['config']} on {r['gpus']} × {r['gpu']['name']} ({r['gpu']['memory_bytes'] / GIB:.1f} GiB each)",
         f"  layout tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']}"
         + (f" virtual_pp={lay['virtual_pp']}" if lay["virtual_pp"] else "")
+        + (f" ep={lay['ep']} expert_tp={lay['expert_tp']} expert_dp={lay['expert_dp']}" if moe else "")
         + f", {engine}, micro-batch {lay['micro_batch_size']}, recompute {lay['recompute']}"
         + (", sequence parallel" if lay["sequence_parallel"] else ""),
-        f"  parameters {human(r['parameters']['total'])} (non-embedding {human(r['parameters']['non_embedding'])})",
+        f"  parameters {human(params['total'])}" + (" total" if moe else "")
+        + f" (non-embedding {human(params['non_embedding'])})"
+        + (f", {human(params['active'])} active per token: {moe['routing']}" if moe else ""),
         "",
         f"memory per GPU (pipeline stage {mem['stage']}, the fullest)",
     ]
@@ -132,11 +151,16 @@ def format_plan(r: dict) -> str:
             f"  assumptions: {a['efficiency']:.0%} of {a['peak_tflops']:.0f} TFLOP/s dense peak; NVLink "
             f"{a['nvlink_gbps']:g} GB/s, network {a['network_gbps']:g} GB/s per GPU each way, "
             f"{a['gpus_per_node']} GPUs per node; DP communication overlapped {a['dp_overlap']}; "
-            f"pipeline bubble {a['pipeline_bubble']}",
+            f"pipeline bubble {a['pipeline_bubble']}"
+            + (f"; expert dispatch {a['expert_dispatch']}" if "expert_dispatch" in a else ""),
             "",
         ]
+    lines.append("compute-optimal (Hoffmann et al. 2022; losses are on the paper's data, for ranking only)")
+    if moe:
+        lines.append(f"  MoE: N is the {human(sc['parameters'])} active parameters per token (of "
+                     f"{human(sc['moe_total_parameters'])}), which set the compute 6·N·D; the fits are for dense "
+                     f"models, so the loss is a dense model's of that size, which an MoE usually beats")
     lines += [
-        "compute-optimal (Hoffmann et al. 2022; losses are on the paper's data, for ranking only)",
         f"  this config trains {human(sc['tokens'])} tokens = {sc['tokens_per_parameter']:.1f} per parameter; "
         f"Chinchilla-optimal for {human(sc['parameters'])} parameters is {human(sc['chinchilla_optimal_tokens'])} "
         f"tokens; predicted loss {sc['predicted_loss']:.3f}",
@@ -152,7 +176,9 @@ def format_plan(r: dict) -> str:
             settings = l["engine_settings"]
             name = l["engine"] + (f"-z{settings['zero_stage']}" if "zero_stage" in settings else "") + (
                 "+do" if settings.get("distributed_optimizer") else "")
-            lines.append(f"  tp={l['tp']} pp={l['pp']} cp={l['cp']} dp={l['dp']} {name:<14} mb={l['micro_batch_size']:<2} "
+            experts = f"ep={l['ep']} etp={l['expert_tp']} " if moe else ""
+            lines.append(f"  tp={l['tp']} pp={l['pp']} cp={l['cp']} dp={l['dp']} {experts}{name:<14} "
+                         f"mb={l['micro_batch_size']:<2} "
                          f"recompute={l['recompute']:<9} {human_bytes(row['memory_total_bytes']):>10}  "
                          f"{row['tokens_per_s']:>12,.0f} tok/s  MFU {row['mfu']:.1%}")
         if not r["search"]:

@@ -14,7 +14,7 @@ import logging
 from kiln.config import DataConfig, KernelsConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from kiln.errors import KilnConfigError
 from kiln.parallel.layout import ParallelLayout
-from kiln.plan.params import count_parameters, human, human_exact
+from kiln.plan.params import ParamCount, count_parameters, human, human_exact, moe_routing
 
 logger = logging.getLogger(__name__)
 
@@ -76,27 +76,33 @@ def dry_run_report(name: str, layout: ParallelLayout, *, model: ModelConfig, par
         f"  {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads / "
         f"{model.query_groups} kv heads (head dim {model.head_dim}), ffn {model.ffn_size}, seq_len {model.seq_len}",
         f"  vocab {vocab:,} ({padding}), embeddings {'tied' if model.tie_embeddings else 'untied'}",
-        "",
     ]
+    is_moe = model.moe.enabled
+    if is_moe:
+        lines += _moe_lines(model)
+    lines.append("")
 
-    lines += [
-        "parameters",
-        f"  total {human_exact(params.total)}",
-        f"  embedding {human(params.embedding)}, per layer {human(params.per_layer)}, "
+    lines += ["parameters", f"  total {human_exact(params.total)}"]
+    if is_moe:
+        lines.append(f"  active per token {human_exact(params.active)}: {moe_routing(model)}")
+    lines.append(
+        f"  embedding {human(params.embedding)}, {_layer_sizes(params, model)}, "
         f"final norm {params.final_norm:,}, output layer "
-        + (human(params.output_layer) if params.output_layer else "tied to the embedding"),
-    ]
-    lines.append(f"  per pipeline stage (one rank's share: tp-sharded weights / tp {layout.tp}, norms replicated):")
+        + (human(params.output_layer) if params.output_layer else "tied to the embedding"))
+    share = f"tp-sharded weights / tp {layout.tp}, " + (
+        f"routed experts / (ep {layout.ep} × expert_tp {layout.expert_tp}), norms and routers replicated" if is_moe
+        else "norms replicated")
+    lines.append(f"  per pipeline stage (one rank's share: {share}):")
     rows = []
-    for stage, (chunks, whole, rank) in enumerate(
-        zip(layout.stage_layers(model.num_layers), params.per_stage(layout), params.per_rank(layout))
-    ):
+    for stage, (chunks, whole, rank, experts) in enumerate(zip(
+            layout.stage_layers(model.num_layers), params.per_stage(layout), params.per_rank(layout),
+            params.experts_per_rank(layout))):
         where = f"stage {stage}: layers " + ", ".join(f"{start}-{end - 1}" for start, end in chunks)
         if stage == 0:
             where += " + embedding"
         if stage == layout.pp - 1:
             where += " + final norm" + _output_piece(model.tie_embeddings, layout.pp)
-        rows.append((where, human_exact(whole), human(rank)))
+        rows.append((where, human_exact(whole), human(rank) + (f" (routed experts {human(experts)})" if is_moe else "")))
     width = max(len(where) for where, _, _ in rows)
     swidth = max(len(whole) for _, whole, _ in rows)
     lines += [f"    {where:<{width}}  {whole:<{swidth}}  per rank {rank}" for where, whole, rank in rows]
@@ -114,6 +120,44 @@ def dry_run_report(name: str, layout: ParallelLayout, *, model: ModelConfig, par
         f"{train.max_steps:,} steps = {human(tokens * train.max_steps)} tokens",
     ]
     return "\n".join(lines)
+
+
+def _moe_lines(model: ModelConfig) -> list[str]:
+    moe, layers = model.moe, model.moe.moe_layers(model.num_layers)
+    where = (f"all {model.num_layers} layers" if len(layers) == model.num_layers else
+             f"{len(layers)} of {model.num_layers} layers (layer_freq {moe.layer_freq}: "
+             f"{', '.join(map(str, layers[:3]))}{', …' if len(layers) > 3 else ''}), the others dense")
+    shared = f"{moe.shared_experts} shared expert{'s' if moe.shared_experts > 1 else ''}" if moe.shared_experts \
+        else "no shared experts"
+    dropping = "dropless" if moe.capacity_factor is None else \
+        f"capacity factor {moe.capacity_factor:g} (an expert drops its " + \
+        ("lowest-probability" if moe.drop_policy == "probs" else "last") + " tokens past it)"
+    balancing = [f"{moe.load_balancing} × {moe.aux_loss_coeff:g}"] if moe.load_balancing != "none" and \
+        moe.aux_loss_coeff else []
+    if moe.expert_bias:
+        balancing.append("expert bias (aux-loss-free)")
+    if moe.z_loss_coeff:
+        balancing.append(f"z-loss × {moe.z_loss_coeff:g}")
+    return [
+        f"  MoE in {where}: {moe.num_experts} experts of ffn {model.expert_ffn_size}, top-{moe.top_k} "
+        f"({moe.score_function} router), {shared}",
+        f"  MoE dispatch {moe.token_dispatcher}, {dropping}; router {', '.join(balancing) or 'none'}",
+    ]
+
+
+def _layer_sizes(params: ParamCount, model: ModelConfig) -> str:
+    """One dense and one MoE layer's parameters (whichever the model has)."""
+    if not params.moe_layer_ids:
+        return f"per layer {human(params.per_layer)}"
+    moe = model.moe
+    rest = params.per_moe_layer - params.moe_experts - params.moe_router
+    rest_name = "attention, shared experts and norms" if moe.shared_experts else "attention and norms"
+    layer = (f"per MoE layer {human(params.per_moe_layer)} ({moe.num_experts} experts × "
+             f"{human(params.moe_experts // moe.num_experts)}, router {human(params.moe_router)}, "
+             f"{rest_name} {human(rest)})")
+    if len(params.moe_layer_ids) == params.num_layers:
+        return layer
+    return f"per dense layer {human(params.per_layer)}, {layer}"
 
 
 def _attention_line(kernels: KernelsConfig, data: DataConfig, model: ModelConfig, layout: ParallelLayout) -> str:

@@ -116,11 +116,14 @@ def layer_activation_bytes(config: RunConfig, layout: ParallelLayout, device_typ
     if m.moe.enabled:
         # An MoE layer (the larger, when layers mix): each token's top_k copies pass through an expert
         # (balanced routing: a rank computes as many token copies as it routes), with the permuted
-        # input kept per copy, plus the shared experts and the fp32 router scores.
+        # input kept per copy, plus the shared experts and the fp32 router scores. A rank routes its
+        # own 1/tp of the tokens (sequence parallel; the division by t below), and the dispatcher
+        # gathers the copies over expert_tp, each rank computing 1/expert_tp of every expert's width:
+        # per routed token, top_k × expert_tp copies of (hidden inputs + f_e / expert_tp wide internals).
         f_e, moe = m.expert_ffn_size, m.moe
-        per_expert = (2 * f_e + f_e if _uses_te(device_type) else 2 * f_e + 3 * f_e) / layout.expert_tp * t
+        per_expert = 2 * f_e + f_e if _uses_te(device_type) else 2 * f_e + 3 * f_e
         shared = mlp * moe.shared_experts * f_e / f
-        mlp = max(mlp, moe.top_k * (per_expert + 2 * h * t) + shared + moe.num_experts * 4 / dtype * t)
+        mlp = max(mlp, moe.top_k * (per_expert + 2 * h * layout.expert_tp) + shared + moe.num_experts * 4 / dtype)
     # q and k after RoPE, the fused QKV output (v is a view of it), and the attention output (also
     # the output projection's input); the log-sum-exp is fp32, one per head.
     attention = 3 * a * d + 3 * g * d
@@ -146,12 +149,14 @@ def in_flight_layer_microbatches(config: RunConfig, layout: ParallelLayout, stag
     return layers / v * chunks_in_flight
 
 
-def rank_share(config: RunConfig, layout: ParallelLayout, params: ParamCount, n: float, layers: int,
+def rank_share(config: RunConfig, layout: ParallelLayout, params: ParamCount, stage: int,
                device_type: str) -> RankShare:
-    """What the engine needs to size its state on a rank holding ``n`` parameters and ``layers`` layers."""
-    return RankShare(parameters=n, per_layer=params.layer_per_rank(layout), layers=layers, dp=layout.dp, cp=layout.cp,
+    """What the engine needs to size its state on one rank of pipeline stage ``stage``."""
+    return RankShare(parameters=params.per_rank(layout)[stage], per_layer=params.layer_per_rank(layout),
+                     layers=layers_per_stage(layout, config.model.num_layers)[stage], dp=layout.dp, cp=layout.cp,
                      param_bytes=dtype_bytes(config.train.precision), half=config.train.precision != "fp32",
-                     device_type=device_type)
+                     device_type=device_type, experts=params.experts_per_rank(layout)[stage],
+                     expert_dp=layout.expert_dp)
 
 
 def planned_state(config: RunConfig, share: RankShare) -> PlannedState:
@@ -169,14 +174,13 @@ def estimate_memory(config: RunConfig, layout: ParallelLayout, vocab_size: int, 
     """Peak bytes per device of ``config`` on ``layout``: the worst pipeline stage."""
     m, train, kernels = config.model, config.train, config.kernels
     params = count_parameters(m, vocab_size, tp=layout.tp)
-    per_rank = params.per_rank(layout)
     stage_layers = layers_per_stage(layout, m.num_layers)
     dtype = dtype_bytes(train.precision)
     tokens = train.micro_batch_size * m.seq_len / layout.cp
     layer_bytes = layer_activation_bytes(config, layout, device_type)
     estimates = []
-    for stage, (n, layers) in enumerate(zip(per_rank, stage_layers)):
-        state = planned_state(config, rank_share(config, layout, params, n, layers, device_type))
+    for stage, layers in enumerate(stage_layers):
+        state = planned_state(config, rank_share(config, layout, params, stage, device_type))
         notes = {"optimizer": state.description}
         activations = layer_bytes * in_flight_layer_microbatches(config, layout, stage, layers)
         if train.recompute == "full":

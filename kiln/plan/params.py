@@ -118,6 +118,11 @@ class ParamCount:
         return [sharded // layout.tp + replicated + experts // (layout.ep * layout.expert_tp)
                 for sharded, replicated, experts in self._stage_parts(layout)]
 
+    def experts_per_rank(self, layout: ParallelLayout) -> list[int]:
+        """Of :meth:`per_rank`, the routed experts' parameters: megatron-core reduces their gradients and
+        shards their optimizer state over expert_dp, not dp × cp."""
+        return [experts // (layout.ep * layout.expert_tp) for _, _, experts in self._stage_parts(layout)]
+
     def _layer_parts(self, layer: int) -> tuple[int, int, int]:
         """One layer's (TP-sharded, replicated, expert-sharded) parameters."""
         if layer not in self.moe_layer_ids:
@@ -196,6 +201,13 @@ def matmul_parameters_per_token(model: ModelConfig) -> int:
         else:
             total += attention + swiglu_parameters(h, model.ffn_size)
     return total
+
+
+def moe_routing(model: ModelConfig) -> str:
+    """How an MoE model's tokens are routed, in words: ``top-2 of 8 experts in 16 MoE layers``."""
+    moe = model.moe
+    shared = f" (+ {moe.shared_experts} shared)" if moe.shared_experts else ""
+    return f"top-{moe.top_k} of {moe.num_experts} experts{shared} in {len(moe.moe_layers(model.num_layers))} MoE layers"
 
 
 def human(n: float) -> str:

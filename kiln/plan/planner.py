@@ -42,7 +42,8 @@ class Plan:
                 "virtual_pp": self.layout.virtual_pp, "engine": p.engine, "engine_description": engine.describe(p),
                 "engine_settings": engine.plan_settings(p, self.config.optim),
                 "sequence_parallel": p.sequence_parallel, "micro_batch_size": t.micro_batch_size,
-                "recompute": t.recompute}
+                "recompute": t.recompute, "ep": self.layout.ep, "expert_tp": self.layout.expert_tp,
+                "expert_dp": self.layout.expert_dp}
 
     def memory_json(self) -> dict:
         m = self.memory
@@ -62,9 +63,11 @@ def make_plan(config: RunConfig, world_size: int, vocab_size: int, accel: Accele
 
 
 def scaling_for(config: RunConfig, vocab_size: int, budget_flops: float | None) -> ScalingReport:
-    params = count_parameters(config.model, vocab_size).total
+    """The compute-optimal report of ``config``. An MoE model counts its active parameters (the total for
+    a dense model): they set its training compute, 6·N·D, which is what the dense fits trade against tokens."""
+    params = count_parameters(config.model, vocab_size)
     tokens = float(config.train.max_steps * config.train.global_batch_size * config.model.seq_len)
-    return scaling_report(params, tokens, budget_flops)
+    return scaling_report(params.active, tokens, budget_flops, moe_total=params.total if config.model.moe.enabled else None)
 
 
 # -- variants of a config -------------------------------------------------------------------------
@@ -82,32 +85,54 @@ def _powers_of_two(limit: int) -> list[int]:
     return [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
 
 
+def _variant_plan(config: RunConfig, change: dict[str, object], world_size: int, vocab_size: int,
+                  accel: Accelerator, **plan_options) -> Plan | None:
+    """The plan of ``config`` with ``change``, or None where that is no valid layout for this model, batch
+    or engine."""
+    try:
+        return make_plan(with_overrides(config, change), world_size, vocab_size, accel, **plan_options)
+    except (KilnConfigError, ValueError):
+        return None
+
+
+def _expert_layouts(config: RunConfig, world_size: int, tp: int) -> list[dict[str, object]]:
+    """The (ep, expert_tp) settings to try with ``tp`` for an MoE model: ep dividing num_experts, expert_tp
+    as tp or 1 (validation drops the rest); a dense model's only one is ep 1."""
+    moe = config.model.moe
+    if not moe.enabled:
+        return [{}]
+    eps = [ep for ep in range(1, min(moe.num_experts, world_size) + 1) if moe.num_experts % ep == 0]
+    expert_tps = [None, 1] if tp > 1 else [None]
+    return [{"parallel.ep": ep, "parallel.expert_tp": expert_tp} for ep in eps for expert_tp in expert_tps]
+
+
 def search_layouts(config: RunConfig, world_size: int, vocab_size: int, accel: Accelerator, *,
                    efficiency: float = EFFICIENCY, limit: int | None = None) -> list[Plan]:
-    """Every valid (tp, pp, cp, engine/ZeRO stage, micro-batch, recompute) on ``world_size`` GPUs that
-    is predicted to fit, fastest first. TP stays inside a node; CP keeps at least 4K tokens per rank."""
+    """Every valid (tp, pp, cp, ep and expert_tp for MoE models, engine/ZeRO stage, micro-batch, recompute)
+    on ``world_size`` GPUs that is predicted to fit, fastest first. TP stays inside a node; CP keeps at
+    least 4K tokens per rank."""
     m, t = config.model, config.train
     tps = [x for x in _powers_of_two(min(accel.gpus_per_node, world_size)) if m.num_attention_heads % x == 0]
     pps = [x for x in range(1, min(m.num_layers, world_size) + 1) if world_size % x == 0 and m.num_layers % x == 0]
     # CP pays off for long sequences only: below ~4K tokens per rank its ring hops and smaller attention
     # blocks cost more than the roofline sees.
     cps = [x for x in _powers_of_two(world_size) if x == 1 or m.seq_len // x >= 4096]
-    engines = [variant for name in ENGINES for variant in engine_class(name).plan_variants()]
+    # MoE models run on the engines that support them only: the others would refuse every layout
+    engines = [variant for name in ENGINES if not m.moe.enabled or engine_class(name).moe_support is None
+               for variant in engine_class(name).plan_variants()]
     micro_batches = [x for x in _powers_of_two(t.global_batch_size) if x <= 16]
     plans = []
     for tp, pp, cp, engine, micro, recompute in itertools.product(
             tps, pps, cps, engines, micro_batches, ("none", "selective", "full")):
         if world_size % (tp * pp * cp):
             continue
-        settings = {"parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp, "parallel.dp": None,
-                    "parallel.virtual_pp": None, "parallel.sequence_parallel": tp > 1,
-                    "train.micro_batch_size": micro, "train.recompute": recompute, **engine}
-        try:
-            plan = make_plan(with_overrides(config, settings), world_size, vocab_size, accel, efficiency=efficiency)
-        except (KilnConfigError, ValueError):
-            continue  # not a valid layout for this model, batch or engine
-        if plan.memory.fits and plan.throughput is not None:
-            plans.append(plan)
+        for experts in _expert_layouts(config, world_size, tp):
+            settings = {"parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp, "parallel.dp": None,
+                        "parallel.virtual_pp": None, "parallel.sequence_parallel": tp > 1,
+                        "train.micro_batch_size": micro, "train.recompute": recompute, **engine, **experts}
+            plan = _variant_plan(config, settings, world_size, vocab_size, accel, efficiency=efficiency)
+            if plan is not None and plan.memory.fits and plan.throughput is not None:
+                plans.append(plan)
     plans.sort(key=lambda plan: -plan.throughput.tokens_per_s)
     return plans[:limit] if limit else plans
 
@@ -133,14 +158,18 @@ def cheapest_fix(config: RunConfig, world_size: int, vocab_size: int, accel: Acc
     while pp <= world_size:  # engines without pipelines refuse these in validation
         candidates.append({"parallel.pp": pp, "parallel.dp": None, "parallel.virtual_pp": None})
         pp *= 2
+    moe = config.model.moe
+    if moe.enabled:  # a larger ep: each rank holds fewer experts (validation refuses what a layout cannot carve out)
+        for ep in range(p.ep + 1, min(world_size, moe.num_experts) + 1):
+            if moe.num_experts % ep == 0:
+                candidates.append({"parallel.ep": ep})
+                if p.expert_tp_size > 1:
+                    candidates.append({"parallel.ep": ep, "parallel.expert_tp": 1})
     fits = []
     for change in candidates:
-        try:
-            plan = make_plan(with_overrides(config, change), world_size, vocab_size, accel,
-                             device_type=device_type, capacity=capacity)
-        except (KilnConfigError, ValueError):
-            continue
-        if plan.memory.fits:
+        plan = _variant_plan(config, change, world_size, vocab_size, accel, device_type=device_type,
+                             capacity=capacity)
+        if plan is not None and plan.memory.fits:
             speed = plan.throughput.tokens_per_s if plan.throughput else 0.0
             fits.append((speed, " ".join(f"{k}={_yaml(v)}" for k, v in change.items()), plan))
     if not fits:

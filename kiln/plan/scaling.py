@@ -12,6 +12,12 @@ of the paper's answers to "which N and D for a budget C":
 
 The predicted loss is in nats per token on the paper's MassiveText data with its tokenizer:
 it ranks choices, it does not predict another corpus's loss. N counts every parameter.
+
+The fits are for dense models. For a mixture-of-experts model kiln uses its active parameters per
+token as N, since they set the training compute C = 6·N·D that the fits trade against tokens, and
+the report says so: its loss is that of a dense model of the MoE's active size and data, which an
+MoE usually beats at equal compute (Clark et al. 2022, "Unified Scaling Laws for Routed Language
+Models"), and the optimal N is a dense model's size.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class ComputeOptimal:
 @dataclass(frozen=True)
 class ScalingReport:
     parameters: int
+    """N: every parameter of a dense model, the active parameters per token of an MoE model."""
     tokens: float
     """Tokens the config trains on: train.max_steps × global batch × seq_len."""
     tokens_per_parameter: float
@@ -63,12 +70,17 @@ class ScalingReport:
     budget_flops: float | None
     optimal: list[ComputeOptimal]
     """For budget_flops (or, without one, the config's own 6·N·D): approach 1 and approach 3."""
+    moe_total_parameters: int | None = None
+    """An MoE model's total parameters (None for a dense model): ``parameters`` is then its active ones."""
 
     def as_json(self) -> dict:
         return asdict(self)
 
 
-def scaling_report(parameters: int, tokens: float, budget_flops: float | None = None) -> ScalingReport:
+def scaling_report(parameters: int, tokens: float, budget_flops: float | None = None,
+                   moe_total: int | None = None) -> ScalingReport:
+    """The report for N = ``parameters`` trained on ``tokens``; ``moe_total`` marks N as an MoE model's
+    active parameters, of that many in all."""
     budget = budget_flops or 6.0 * parameters * tokens
     optimal = []
     for method, solve in (("approach 1: 20 tokens per parameter", optimal_by_rule),
@@ -78,4 +90,4 @@ def scaling_report(parameters: int, tokens: float, budget_flops: float | None = 
     return ScalingReport(parameters=parameters, tokens=tokens, tokens_per_parameter=tokens / parameters,
                          chinchilla_optimal_tokens=TOKENS_PER_PARAMETER * parameters,
                          training_flops=6.0 * parameters * tokens, predicted_loss=chinchilla_loss(parameters, tokens),
-                         budget_flops=budget_flops, optimal=optimal)
+                         budget_flops=budget_flops, optimal=optimal, moe_total_parameters=moe_total)
