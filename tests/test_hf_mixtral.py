@@ -101,7 +101,7 @@ def test_export_refusals_name_the_setting(moe, named):
         mixtral.shape_of(model, 1000)
 
 
-def test_export_of_an_mixtral_incompatible_checkpoint_stops_before_loading(tmp_path, capsys):
+def test_export_of_a_checkpoint_mixtral_cannot_hold_stops_before_loading(tmp_path, capsys):
     step = tmp_path / "step_000002"
     step.mkdir()
     moe = {"num_experts": 4, "expert_bias": True, "score_function": "sigmoid"}
