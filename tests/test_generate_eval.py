@@ -136,10 +136,11 @@ def test_eval_under_tp2_equals_tp1(run, cache):
     assert tp2["loss"] == pytest.approx(tp1["loss"], abs=1e-5)
 
 
-def _transformers_val_losses(rank: int, step_dir: str, hf_dir: str) -> list[float]:
-    """This data-parallel rank's validation micro-batches, as training read them, scored by transformers."""
+def transformers_val_losses(rank: int, step_dir: str, hf_dir: str) -> list[float]:
+    """This data-parallel rank's validation micro-batches, as training read them, scored by transformers
+    (the exported architecture: Llama, or Mixtral for an MoE run)."""
     import torch.nn.functional as F
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from kiln.checkpoint.state import read_metadata
     from kiln.config import config_from_dict
@@ -152,7 +153,7 @@ def _transformers_val_losses(rank: int, step_dir: str, hf_dir: str) -> list[floa
         batches = build_val_batches(config.data, config.train, ctx)
     finally:
         destroy_parallel()
-    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
     losses = []
     with torch.no_grad():
         for batch in batches:
@@ -172,7 +173,7 @@ def test_exported_checkpoint_scores_the_validation_data_in_transformers_as_kiln_
     hf_dir = tmp_path / "hf"
     kiln("ckpt", "export", str(run_dir), "--hf", str(hf_dir), "--dtype", "fp32", cache_dir=cache)
     step_dir = next((run_dir / "checkpoints").glob("step_*"))
-    per_rank = run_distributed(_transformers_val_losses, 2, str(step_dir), str(hf_dir))  # dp = 2, as in training
+    per_rank = run_distributed(transformers_val_losses, 2, str(step_dir), str(hf_dir))  # dp = 2, as in training
     losses = [loss for rank in per_rank for loss in rank]
     assert len(losses) == report["micro_batches"]
     assert sum(losses) / len(losses) == pytest.approx(report["loss"], abs=1e-4)

@@ -21,13 +21,17 @@ TINY_LLAMA = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, nu
 
 
 def random_llama(tie: bool = False, seed: int = 0, **changes):
-    """A small random ``LlamaForCausalLM`` (fp32, eager attention), norms not all ones."""
+    """A small random ``LlamaForCausalLM``."""
+    return random_hf_model("Llama", {**TINY_LLAMA, **changes, "tie_word_embeddings": tie}, seed)
+
+
+def random_hf_model(family: str, settings: dict, seed: int):
+    """A random transformers ``<family>ForCausalLM`` (fp32, eager attention), norms not all ones."""
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**{**TINY_LLAMA, **changes}, tie_word_embeddings=tie,
-                                      attn_implementation="eager", torch_dtype="float32")
-    model = transformers.LlamaForCausalLM(config).eval()
+    config = getattr(transformers, f"{family}Config")(**settings, attn_implementation="eager", torch_dtype="float32")
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -114,10 +118,12 @@ def test_hf_config_refusals_name_the_setting():
 
 
 # -- logits parity ------------------------------------------------------------------------------
-def _kiln_logits_of_hf(rank: int, cases: list[tuple[str, torch.Tensor]]) -> list:
-    """For each (HF directory, tokens): kiln's model (TP=1, CPU) built for its config.json with the HF
-    weights filled in, and its logits on the tokens (numpy: pickled by value, not by shared memory)."""
+def kiln_logits_of_hf(rank: int, cases: list[tuple[str, torch.Tensor]], overrides: tuple[str, ...] = ()) -> list:
+    """For each (HF directory, tokens): kiln's model (TP=1 unless ``overrides`` say otherwise, CPU) built for its
+    config.json with the HF weights filled in, and its logits on the tokens (numpy: pickled by value, not by
+    shared memory)."""
     from kiln.config import config_from_dict
+    from kiln.hf import families
     from kiln.hf.weights import HFWeights, fill_model_parts
     from kiln.model.builder import build_model
     from kiln.parallel.backend import init_parallel
@@ -126,11 +132,13 @@ def _kiln_logits_of_hf(rank: int, cases: list[tuple[str, torch.Tensor]]) -> list
     ctx = None
     logits = []
     for hf_dir, tokens in cases:
-        model = llama.model_section_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()), hf_dir)
-        config = config_from_dict({"model": model}, ["train.precision=fp32", "train.device=cpu"])
+        hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
+        family = families.of_hf_config(hf_config)
+        model = family.model_section_from_hf(hf_config, hf_dir)
+        config = config_from_dict({"model": model}, ["train.precision=fp32", "train.device=cpu", *overrides])
         ctx = ctx or init_parallel("cpu", 0, config.layout)
         (part,) = build_model(config.model, config.parallel, config.train, ctx, model["vocab_size"])
-        shape = llama.LlamaShape.of(config.model, config.model.vocab_size)
+        shape = family.shape_of(config.model, config.model.vocab_size)
         fill_model_parts([part], HFWeights(Path(hf_dir)), shape, padded_vocab_size(shape.vocab_size, config.model))
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         with torch.no_grad():
@@ -148,7 +156,7 @@ def test_imported_weights_give_the_hf_logits(tmp_path):
         with torch.no_grad():
             want.append(hf(tokens).logits)
         cases.append((str(tmp_path / f"{tie}-{kv_heads}"), tokens))
-    (got,) = run_distributed(_kiln_logits_of_hf, 1, cases)
+    (got,) = run_distributed(kiln_logits_of_hf, 1, cases)
     for case, expected, logits in zip(cases, want, got):
         assert logits.shape == expected.shape
         assert (torch.from_numpy(logits) - expected).abs().max() < 1e-4, case[0]

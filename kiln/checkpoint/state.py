@@ -149,11 +149,13 @@ def architecture_differences(saved_model: dict[str, Any], model_config, source: 
 
     saved = _architecture(model_config_from_saved(saved_model))
     current = _architecture(model_config)
-    return [f"model.{k}: {source} {saved[k]!r}, config {v!r}" for k, v in current.items() if saved[k] != v]
+    return [f"model.{k}: {source} {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
 
 
 def _architecture(model) -> dict[str, Any]:
     shape = {key: getattr(model, _RESOLVED.get(key, key)) for key in _ARCHITECTURE_KEYS}
+    if len(model.moe.moe_layers(model.num_layers)) == model.num_layers:
+        del shape["ffn_hidden_size"]  # no layer has the dense MLP (an HF Mixtral has no such width)
     shape.update({f"moe.{key}": getattr(model.moe, key) for key in _MOE_ARCHITECTURE_KEYS})
     if model.moe.enabled:
         shape["moe.expert_ffn_hidden_size"] = model.expert_ffn_size

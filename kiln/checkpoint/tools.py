@@ -35,14 +35,20 @@ from kiln.errors import KilnCheckpointError, KilnEnvironmentError
 
 DCP_INDEX = ".metadata"  # torch DCP's index of every tensor and object in the checkpoint
 OPTIMIZER_PREFIX = "optimizer."
-# megatron-core chains a dense and an expert optimizer for MoE models: chained_<i>.optimizer.*
-_CHAINED_OPTIMIZER = re.compile(r"^chained_\d+\.optimizer\.")
+# megatron-core chains a dense and an expert optimizer for MoE models, prefixing each one's state:
+# chained_<i>.optimizer.*
+_CHAINED = re.compile(r"^chained_\d+\.")
+EXIT_DAMAGED = 2  # kiln.cli's exit code for a bad config, dataset or checkpoint
+FORMATS = ("torch", "safetensors")
+
+
+def unchained(name: str) -> str:
+    """A tensor name without the ``chained_<i>.`` of the optimizer (of a chain) that saved it."""
+    return _CHAINED.sub("", name, count=1)
 
 
 def is_optimizer_tensor(name: str) -> bool:
-    return name.startswith(OPTIMIZER_PREFIX) or bool(_CHAINED_OPTIMIZER.match(name))
-EXIT_DAMAGED = 2  # kiln.cli's exit code for a bad config, dataset or checkpoint
-FORMATS = ("torch", "safetensors")
+    return unchained(name).startswith(OPTIMIZER_PREFIX)
 
 
 @dataclass(frozen=True)

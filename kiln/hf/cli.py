@@ -13,7 +13,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     done = export_checkpoint(Path(args.path), Path(args.hf), dtype=args.dtype, max_shard_size=args.max_shard_size,
                              checksums=not args.no_checksums, overwrite=args.overwrite, tokenizer_file=args.tokenizer)
     size = sum((done.out / name).stat().st_size for name in done.files)
-    print(f"wrote {done.out}: Hugging Face LlamaForCausalLM, {done.parameters:,} parameters in {done.dtype}, "
+    print(f"wrote {done.out}: Hugging Face {done.architecture}, {done.parameters:,} parameters in {done.dtype}, "
           f"{len(done.files)} files ({_human_bytes(size)}) from {done.step_dir}")
     return 0
 
@@ -28,13 +28,14 @@ def add_hf_commands(csub, where: str) -> None:
     """``export`` and ``import`` under ``kiln ckpt``."""
     from kiln.hf.export import DEFAULT_MAX_SHARD_SIZE, DTYPES
 
-    p = csub.add_parser("export", help="write a checkpoint as a Hugging Face Llama model directory (--hf OUT)",
+    p = csub.add_parser("export", help="write a checkpoint as a Hugging Face Llama or Mixtral model directory "
+                                       "(--hf OUT)",
                         description="Write the checkpoint's weights, config.json, generation_config.json and "
-                                    "tokenizer as a Hugging Face LlamaForCausalLM directory (any layout or engine; "
-                                    "one process, no GPU).")
+                                    "tokenizer as a Hugging Face LlamaForCausalLM directory, MixtralForCausalLM for "
+                                    "an MoE model (any layout or engine; one process, no GPU).")
     p.add_argument("path", help=where)
     p.add_argument("--hf", required=True, metavar="OUT",
-                   help="the directory to write (LlamaForCausalLM.from_pretrained(OUT) loads it)")
+                   help="the directory to write (AutoModelForCausalLM.from_pretrained(OUT) loads it)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight dtype (default: the run's train.precision; bf16 for fp8 runs)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
@@ -46,8 +47,10 @@ def add_hf_commands(csub, where: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=cmd_export)
 
-    p = csub.add_parser("import", help="make a kiln checkpoint (any layout, any engine) from a Hugging Face Llama model",
-                        description="Make a step-0 kiln checkpoint in OUT from a Hugging Face Llama directory, for "
+    p = csub.add_parser("import", help="make a kiln checkpoint (any layout, any engine) from a Hugging Face Llama "
+                                       "or Mixtral model",
+                        description="Make a step-0 kiln checkpoint in OUT from a Hugging Face Llama or Mixtral "
+                                    "directory, for "
                                     "the layout and engine of CONFIG and overrides; continue pre-training with "
                                     "`kiln train CONFIG --resume-from OUT` (data starts at sample 0).")
     p.add_argument("--hf", required=True, metavar="DIR",

@@ -1,4 +1,5 @@
-"""``kiln ckpt export PATH --hf OUT``: a kiln checkpoint as a Hugging Face ``LlamaForCausalLM`` directory.
+"""``kiln ckpt export PATH --hf OUT``: a kiln checkpoint as a Hugging Face ``LlamaForCausalLM`` directory,
+or ``MixtralForCausalLM`` for a mixture-of-experts model (kiln.hf.families picks from model.moe).
 
 Runs in one plain process, like ``kiln ckpt convert``: the full tensors come from
 :func:`kiln.checkpoint.tools.load_verified_tensors` (manifest verified, shards assembled by torch
@@ -19,7 +20,7 @@ from typing import Any
 from kiln.checkpoint import tools
 from kiln.config import ModelConfig, model_config_from_saved
 from kiln.errors import KilnCheckpointError
-from kiln.hf import llama
+from kiln.hf import families, llama
 from kiln.hf.weights import parse_size, save_safetensors
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -34,6 +35,7 @@ class Exported:
     dtype: str
     parameters: int
     files: list[str]
+    architecture: str
 
 
 def saved_model_config(meta: dict[str, Any], step_dir: Path) -> ModelConfig:
@@ -55,16 +57,18 @@ def export_dtype(meta: dict[str, Any], requested: str | None) -> str:
 
 def exported_weights(step_dir: Path, checksums: bool) -> dict[str, Any]:
     """The model's full tensors; where the checkpoint keeps fp32 master weights (bf16 or fp16 training),
-    those instead: the working weights are their rounded copies, so ``--dtype fp32`` keeps every bit."""
+    those instead: the working weights are their rounded copies, so ``--dtype fp32`` keeps every bit.
+    An MoE run's masters are split over megatron-core's chained optimizers (``chained_<i>.``)."""
     from kiln.engine.portable_state import PREFIX, master_name_in
 
-    master = master_name_in(t.name for t in tools.list_entries(tools.read_dcp_index(step_dir))[0])
+    master = master_name_in(tools.unchained(t.name) for t in tools.list_entries(tools.read_dcp_index(step_dir))[0])
     prefix = f"{PREFIX}.{master}." if master else None
 
     def wanted(entry: tools.TensorEntry) -> bool:
-        return entry.kind == "model" or (prefix is not None and entry.name.startswith(prefix))
+        return entry.kind == "model" or (prefix is not None and tools.unchained(entry.name).startswith(prefix))
 
-    loaded = tools.load_verified_tensors(step_dir, wanted, checksums, "export")
+    loaded = {tools.unchained(name): tensor
+              for name, tensor in tools.load_verified_tensors(step_dir, wanted, checksums, "export").items()}
     model = {name: tensor for name, tensor in loaded.items() if not tools.is_optimizer_tensor(name)}
     return {name: loaded.get(f"{prefix}{name}", tensor) if prefix else tensor for name, tensor in model.items()}
 
@@ -84,12 +88,13 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str | None = None,
     model = saved_model_config(meta, step_dir)
     tokenizer_path = tokenizer_file or meta["config"].get("data", {}).get("tokenizer") or bundled_tokenizer_path()
     tokenizer = load_tokenizer(tokenizer_path)  # a missing file stops here, before the tensors load
-    shape = llama.LlamaShape.of(model, model.vocab_size or tokenizer.vocab_size)
+    family = families.of_model(model)
+    shape = family.shape_of(model, model.vocab_size or tokenizer.vocab_size)  # refusals before the tensors load
     dtype = export_dtype(meta, dtype)
     tensors = exported_weights(step_dir, checksums)
     torch_dtype = getattr(torch, TORCH_DTYPE_NAMES[dtype])
     weights = {name: t.to(torch_dtype) for name, t in llama.kiln_to_hf(tensors, shape).items()}
-    config = llama.hf_config(model, shape, TORCH_DTYPE_NAMES[dtype], eos_id=tokenizer.eos_id, bos_id=tokenizer.eos_id)
+    config = family.hf_config(model, shape, TORCH_DTYPE_NAMES[dtype], eos_id=tokenizer.eos_id, bos_id=tokenizer.eos_id)
 
     tmp = tools.staging_dir(out)
     try:
@@ -102,12 +107,12 @@ def export_checkpoint(path: Path, out: Path, *, dtype: str | None = None,
         _write_json(tmp / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN,
             "pad_token": EOS_TOKEN, "model_max_length": model.seq_len, "clean_up_tokenization_spaces": False,
-            "model_input_names": ["input_ids", "attention_mask"]})  # Llama takes no token_type_ids
+            "model_input_names": ["input_ids", "attention_mask"]})  # Llama and Mixtral take no token_type_ids
         tools.publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = [*files, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
-    return Exported(out, step_dir, dtype, sum(t.numel() for t in weights.values()), files)
+    return Exported(out, step_dir, dtype, sum(t.numel() for t in weights.values()), files, family.ARCHITECTURE)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
-"""``kiln ckpt import --hf DIR OUT [CONFIG] [key=value …] [--nproc-per-node N]``: an HF Llama model
-as a kiln checkpoint of any layout, to continue pre-training with ``kiln train CONFIG --resume-from OUT``.
+"""``kiln ckpt import --hf DIR OUT [CONFIG] [key=value …] [--nproc-per-node N]``: an HF Llama (or
+Mixtral) model as a kiln checkpoint of any layout, to continue pre-training with
+``kiln train CONFIG --resume-from OUT``.
 
 The import runs the real stack, so every engine and layout gets a checkpoint it wrote itself:
 ``--nproc-per-node N`` starts N workers exactly as ``kiln train`` does (:func:`kiln.cli.launch_torchrun`);
@@ -22,18 +23,19 @@ import json
 import logging
 import os
 import shutil
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 from kiln.checkpoint import tools
 from kiln.config import RunConfig, config_from_dict, read_yaml_mapping
 from kiln.errors import KilnCheckpointError, KilnConfigError
-from kiln.hf import llama
+from kiln.hf import families, llama
 
 log = logging.getLogger("kiln")
 HF_CONFIG = "config.json"
-# Model settings the HF model fixes; seq_len is the run's own choice (a CONFIG's wins).
-_MEANING_KEYS = ("rope_theta", "norm_eps")
+# Model settings the HF model fixes besides its shape; seq_len is the run's own choice (a CONFIG's wins).
+_MEANING_KEYS = ("rope_theta", "norm_eps", "moe.top_k")
 
 
 def read_hf_model(hf_dir: Path) -> dict[str, Any]:
@@ -46,7 +48,7 @@ def read_hf_model(hf_dir: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise KilnConfigError(f"{path} is not valid JSON ({err})") from None
-    return llama.model_section_from_hf(config, str(path))
+    return families.of_hf_config(config).model_section_from_hf(config, str(path))
 
 
 def read_hf_precision(hf_dir: Path) -> str:
@@ -60,6 +62,7 @@ def import_config(hf_dir: Path, config_path: str | None, overrides: list[str]) -
     """The run config the checkpoint is made for: CONFIG (or kiln's defaults) and the overrides, with
     the HF model's settings; a CONFIG describing another model is an error naming each difference."""
     from kiln.checkpoint.state import architecture_differences
+    from kiln.config import model_config_from_saved
     from kiln.plan.dry_run import resolve_vocab_size
 
     hf_model = read_hf_model(hf_dir)
@@ -72,8 +75,9 @@ def import_config(hf_dir: Path, config_path: str | None, overrides: list[str]) -
         where, fix = config_path, "leave out CONFIG to take them all from it"
     asked = config_from_dict(raw, overrides)
     diffs = architecture_differences(hf_model, asked.model, "HF model")
-    diffs += [f"model.{key}: HF model {hf_model[key]!r}, config {getattr(asked.model, key)!r}"
-              for key in _MEANING_KEYS if getattr(asked.model, key) != hf_model[key]]
+    hf_as_kiln = model_config_from_saved(hf_model)
+    diffs += [f"model.{key}: HF model {attrgetter(key)(hf_as_kiln)!r}, config {attrgetter(key)(asked.model)!r}"
+              for key in _MEANING_KEYS if attrgetter(key)(asked.model) != attrgetter(key)(hf_as_kiln)]
     vocab = resolve_vocab_size(asked.model, asked.data)
     if vocab != hf_model["vocab_size"]:
         diffs.append(f"vocabulary: HF model {hf_model['vocab_size']}, config {vocab} (model.vocab_size, or "
@@ -81,6 +85,7 @@ def import_config(hf_dir: Path, config_path: str | None, overrides: list[str]) -
     if diffs:
         raise KilnConfigError(f"the run config ({where}) describes another model than {hf_dir / HF_CONFIG} "
                               f"({'; '.join(diffs)}); set those values to the HF model's, or {fix}")
+    families.of_model(asked.model).shape_of(asked.model, vocab)  # routing the HF architecture has no form for
     return asked
 
 
@@ -102,7 +107,8 @@ def import_on_this_rank(config: RunConfig, hf_dir: Path) -> None:
     from kiln.trainer.loop import TrainState
 
     vocab = resolve_vocab_size(config.model, config.data)  # equal to the HF model's (import_config)
-    shape = llama.LlamaShape.of(config.model, vocab)
+    family = families.of_model(config.model)
+    shape = family.shape_of(config.model, vocab)
     weights = HFWeights(hf_dir)
     llama.check_hf_names(weights.names(), shape, str(hf_dir))  # before any process group: a plain error
     os.environ.update(worker_environment(config.parallel, config.train.device, config.train.run_dir))
@@ -120,11 +126,11 @@ def import_on_this_rank(config: RunConfig, hf_dir: Path) -> None:
                                          config.to_dict())
         cleanup.callback(checkpointer.close)
         checkpointer.prepare()
-        origin = {"imported": {"from": str(hf_dir.resolve()), "format": "hf-llama"}}
+        origin = {"imported": {"from": str(hf_dir.resolve()), "format": family.FORMAT}}
         checkpointer.save(0, engine, {"trainer": TrainState()}, blocking=True, extra_meta=origin)
         if ctx.rank == 0:
             log.info(f"imported {hf_dir} as a {engine.describe(engine.parallel_config)} checkpoint, layout "
-                     f"tp={ctx.layout.tp} pp={ctx.layout.pp} dp={ctx.layout.dp}")
+                     f"tp={ctx.layout.tp} pp={ctx.layout.pp} dp={ctx.layout.dp} ep={ctx.layout.ep}")
 
 
 def cmd_import(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """kiln's megatron-core GPT ↔ Hugging Face ``LlamaForCausalLM``: tensor names, layouts, config.
 
 The one place that knows how the two models correspond (pure torch, no megatron-core, no
-transformers). kiln's side uses the *global* names a kiln checkpoint holds
+transformers); kiln.hf.mixtral gives the same machinery its mixture-of-experts layers (a shape's
+``layer_weights``). kiln's side uses the *global* names a kiln checkpoint holds
 (``kiln ckpt inspect``): the layers stacked into one tensor per weight, ``[num_layers, …]``
 (``decoder.layers.mlp.linear_fc2.weight``); per-layer names (``decoder.layers.3.…``) are read too.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -50,6 +51,8 @@ LAYER_WEIGHTS: dict[str, tuple[str, ...]] = {
 NORM_ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 HF_LAYER = "model.layers.{layer}."
+# In an HF name: one HF tensor per expert, stacked along the kiln tensor's experts axis (Mixtral).
+EXPERT = "{expert}"
 HF_EMBEDDING, HF_FINAL_NORM, HF_OUTPUT = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 # Buffers some HF versions saved; they are recomputed from the config, never weights.
 HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -67,6 +70,9 @@ class LlamaShape:
     ffn_hidden_size: int
     vocab_size: int
     tie_embeddings: bool
+    # What the HF side is: its name in messages, and per-layer kiln suffix → HF names.
+    family: ClassVar[str] = "Llama"
+    layer_weights: ClassVar[dict[str, tuple[str, ...]]] = LAYER_WEIGHTS
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +87,15 @@ class LlamaShape:
         """From a kiln ``ModelConfig``."""
         return cls(model.num_layers, model.hidden_size, model.num_attention_heads, model.query_groups,
                    model.ffn_size, vocab_size, model.tie_embeddings)
+
+
+# -- the family interface (kiln.hf.families picks this module or kiln.hf.mixtral) ----------------
+ARCHITECTURE = "LlamaForCausalLM"
+FORMAT = "hf-llama"
+
+
+def shape_of(model, vocab_size: int) -> LlamaShape:
+    return LlamaShape.of(model, vocab_size)
 
 
 # -- attention and MLP layouts ----------------------------------------------------------------
@@ -102,15 +117,19 @@ def split_qkv(qkv: torch.Tensor, shape: LlamaShape) -> tuple[torch.Tensor, torch
 def _join(suffix: str, parts: list[torch.Tensor], shape: LlamaShape) -> torch.Tensor:
     if suffix == QKV:
         return fuse_qkv(*parts, shape)
-    return torch.cat(parts) if len(parts) > 1 else parts[0]  # fc1 = [gate; up]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]  # an fc1 = [gate; up]
 
 
 def _split(suffix: str, tensor: torch.Tensor, shape: LlamaShape) -> tuple[torch.Tensor, ...]:
     if suffix == QKV:
         return split_qkv(tensor, shape)
-    if suffix == FC1:
-        return tuple(tensor.chunk(2))
-    return (tensor,)
+    return tuple(tensor.chunk(len(shape.layer_weights[suffix])))  # an fc1 → (gate, up)
+
+
+def _experts(hf_names: tuple[str, ...], shape: LlamaShape) -> list[int | None]:
+    """The experts a per-layer weight holds one HF tensor each of (only a Mixtral shape has experts),
+    or [None] for a plain weight."""
+    return list(range(shape.num_experts)) if EXPERT in hf_names[0] else [None]
 
 
 def pad_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
@@ -140,21 +159,25 @@ def layer_tensors(kiln: dict[str, torch.Tensor]) -> tuple[dict[tuple[int, str], 
 
 
 def kiln_to_hf(kiln: dict[str, torch.Tensor], shape: LlamaShape) -> dict[str, torch.Tensor]:
-    """Full kiln model tensors (global names) → HF ``LlamaForCausalLM`` state dict (vocab unpadded)."""
+    """Full kiln model tensors (global names) → HF ``LlamaForCausalLM`` (or Mixtral) state dict (vocab unpadded)."""
     layers, rest = layer_tensors(kiln)
-    unknown = sorted({suffix for _, suffix in layers} - set(LAYER_WEIGHTS))
+    unknown = sorted({suffix for _, suffix in layers} - set(shape.layer_weights))
     unknown += sorted(set(rest) - {EMBEDDING, FINAL_NORM, OUTPUT})
     if unknown:
-        raise KilnCheckpointError(f"the checkpoint holds tensors a Llama model has no place for ({', '.join(unknown)}); "
-                                  f"only kiln's Llama-style GPT (RMSNorm, SwiGLU, RoPE, no biases) exports to HF")
+        raise KilnCheckpointError(f"the checkpoint holds tensors a {shape.family} model has no place for "
+                                  f"({', '.join(unknown)}); only kiln's Llama-style GPT (RMSNorm, SwiGLU, RoPE, no "
+                                  f"biases; MoE as Mixtral) exports to HF")
     hf: dict[str, torch.Tensor] = {}
     for layer in range(shape.num_layers):
-        for suffix, hf_names in LAYER_WEIGHTS.items():
+        for suffix, hf_names in shape.layer_weights.items():
             if (layer, suffix) not in layers:
                 raise KilnCheckpointError(f"the checkpoint has no {LAYERS}{suffix} for layer {layer}; "
                                           f"it is incomplete or not a {shape.num_layers}-layer kiln GPT")
-            for hf_name, part in zip(hf_names, _split(suffix, layers[layer, suffix], shape)):
-                hf[HF_LAYER.format(layer=layer) + hf_name] = part
+            experts = _experts(hf_names, shape)
+            per_expert = layers[layer, suffix].unbind(0) if experts != [None] else [layers[layer, suffix]]
+            for expert, tensor in zip(experts, per_expert):
+                for hf_name, part in zip(hf_names, _split(suffix, tensor, shape)):
+                    hf[HF_LAYER.format(layer=layer) + hf_name.format(expert=expert)] = part
     hf[HF_EMBEDDING] = _required(rest, EMBEDDING)[: shape.vocab_size]
     hf[HF_FINAL_NORM] = _required(rest, FINAL_NORM)
     if not shape.tie_embeddings:
@@ -169,49 +192,59 @@ def _required(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 # -- HF → kiln ----------------------------------------------------------------------------------
-def kiln_tensor_from_hf(name: str, layer: int | None, read: Callable[[str], torch.Tensor], shape: LlamaShape,
+def kiln_tensor_from_hf(name: str, index: tuple[int, ...], read: Callable[[str], torch.Tensor], shape: LlamaShape,
                         padded_vocab: int) -> torch.Tensor:
-    """One full kiln tensor from HF tensors (``read(hf_name)``): for a layer weight (``name``
-    ``decoder.layers.<suffix>``) only layer ``layer``'s slice, so a rank reads what it needs."""
+    """One full kiln tensor from HF tensors (``read(hf_name)``), or for a layer weight (``name``
+    ``decoder.layers.<suffix>``) its slice at ``index``: ``(layer,)``, or ``(layer, expert)`` for
+    one expert's, so a rank reads only what it holds."""
     if name.startswith(LAYERS):
         suffix = NORM_ALIASES.get(name[len(LAYERS):], name[len(LAYERS):])
-        if suffix not in LAYER_WEIGHTS:
-            raise KilnConfigError(f"kiln's model has {name}, which a Llama model has no weight for")
-        prefix = HF_LAYER.format(layer=layer)
-        return _join(suffix, [read(prefix + hf_name) for hf_name in LAYER_WEIGHTS[suffix]], shape)
+        if suffix not in shape.layer_weights:
+            raise KilnConfigError(f"kiln's model has {name}, which a {shape.family} model has no weight for")
+        hf_names = shape.layer_weights[suffix]
+        prefix = HF_LAYER.format(layer=index[0])
+
+        def joined(expert: int | None) -> torch.Tensor:  # one expert's HF tensors (None: a plain weight's)
+            return _join(suffix, [read(prefix + hf_name.format(expert=expert)) for hf_name in hf_names], shape)
+
+        if len(index) > 1:
+            return joined(index[1])
+        experts = _experts(hf_names, shape)
+        return joined(None) if experts == [None] else torch.stack([joined(expert) for expert in experts])
     if name == EMBEDDING:
         return pad_rows(read(HF_EMBEDDING), padded_vocab)
     if name == FINAL_NORM:
         return read(HF_FINAL_NORM)
     if name == OUTPUT:
         return pad_rows(read(HF_EMBEDDING if shape.tie_embeddings else HF_OUTPUT), padded_vocab)
-    raise KilnConfigError(f"kiln's model has {name}, which a Llama model has no weight for")
+    raise KilnConfigError(f"kiln's model has {name}, which a {shape.family} model has no weight for")
 
 
 def hf_to_kiln(hf: dict[str, torch.Tensor], shape: LlamaShape, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """HF ``LlamaForCausalLM`` state dict → full kiln tensors under the checkpoint's global names."""
+    """HF ``LlamaForCausalLM`` (or Mixtral) state dict → full kiln tensors under the checkpoint's global names."""
     check_hf_names(hf, shape)
 
     def read(hf_name: str) -> torch.Tensor:
         return hf[hf_name]
 
-    kiln = {LAYERS + suffix: torch.stack([kiln_tensor_from_hf(LAYERS + suffix, layer, read, shape, padded_vocab)
+    kiln = {LAYERS + suffix: torch.stack([kiln_tensor_from_hf(LAYERS + suffix, (layer,), read, shape, padded_vocab)
                                           for layer in range(shape.num_layers)])
-            for suffix in LAYER_WEIGHTS}
+            for suffix in shape.layer_weights}
     for name in (EMBEDDING, FINAL_NORM, *(() if shape.tie_embeddings else (OUTPUT,))):
-        kiln[name] = kiln_tensor_from_hf(name, None, read, shape, padded_vocab)
+        kiln[name] = kiln_tensor_from_hf(name, (), read, shape, padded_vocab)
     return kiln
 
 
 def hf_names(shape: LlamaShape) -> set[str]:
-    """The tensor names of an HF Llama model of this shape (``lm_head`` only when untied)."""
-    names = {HF_LAYER.format(layer=layer) + hf_name for layer in range(shape.num_layers)
-             for hf_names_ in LAYER_WEIGHTS.values() for hf_name in hf_names_}
+    """The tensor names of an HF model of this shape (``lm_head`` only when untied)."""
+    names = {HF_LAYER.format(layer=layer) + hf_name.format(expert=expert) for layer in range(shape.num_layers)
+             for hf_names_ in shape.layer_weights.values() for expert in _experts(hf_names_, shape)
+             for hf_name in hf_names_}
     return names | {HF_EMBEDDING, HF_FINAL_NORM} | (set() if shape.tie_embeddings else {HF_OUTPUT})
 
 
 def check_hf_names(names, shape: LlamaShape, where: str = "the HF model") -> None:
-    """The HF tensors must be exactly a Llama model's of this shape (a tied model may also carry lm_head)."""
+    """The HF tensors must be exactly the model's of this shape (a tied model may also carry lm_head)."""
     present = {name for name in names if not HF_IGNORED.match(name)}
     expected = hf_names(shape)
     missing = sorted(expected - present)
@@ -219,15 +252,15 @@ def check_hf_names(names, shape: LlamaShape, where: str = "the HF model") -> Non
     if missing or extra:
         listed = "; ".join(part for part in (f"missing {', '.join(missing[:5])}" if missing else "",
                                              f"unexpected {', '.join(extra[:5])}" if extra else "") if part)
-        raise KilnConfigError(f"{where} does not hold the tensors of a {shape.num_layers}-layer Llama model as its "
-                              f"config.json describes ({listed}); biases, MoE and other architectures do not import")
+        raise KilnConfigError(f"{where} does not hold the tensors of a {shape.num_layers}-layer {shape.family} model "
+                              f"as its config.json describes ({listed}); biases and other architectures do not import")
 
 
 # -- config.json --------------------------------------------------------------------------------
 def hf_config(model, shape: LlamaShape, dtype: str, eos_id: int | None, bos_id: int | None) -> dict[str, Any]:
     """``config.json`` of the exported ``LlamaForCausalLM`` (kiln ``ModelConfig`` → LlamaConfig fields)."""
     return {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [ARCHITECTURE],
         "model_type": "llama",
         "hidden_size": shape.hidden_size,
         "intermediate_size": shape.ffn_hidden_size,
@@ -254,12 +287,23 @@ def hf_config(model, shape: LlamaShape, dtype: str, eos_id: int | None, bos_id: 
 
 
 def model_section_from_hf(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """kiln's ``model:`` settings of an HF ``config.json``; refuses what kiln's GPT cannot express."""
+    """kiln's ``model:`` settings of an HF Llama ``config.json``; refuses what kiln's GPT cannot express."""
+    require_model_type(config, where, "llama", ARCHITECTURE)
+    return {**decoder_section(config, where), "ffn_hidden_size": config["intermediate_size"]}
+
+
+def require_model_type(config: dict[str, Any], where: str, model_type: str, architecture: str) -> None:
     architectures = config.get("architectures") or []
-    if config.get("model_type") != "llama" or (architectures and architectures != ["LlamaForCausalLM"]):
+    if config.get("model_type") != model_type or (architectures and architectures != [architecture]):
         raise KilnConfigError(f"{where} describes a {config.get('model_type')!r} model ({', '.join(architectures) or '?'}); "
-                              f"kiln imports only Llama models (model_type llama, LlamaForCausalLM)")
-    refusals = []
+                              f"kiln imports only Llama and Mixtral models (model_type llama, LlamaForCausalLM; "
+                              f"mixtral, MixtralForCausalLM)")
+
+
+def decoder_section(config: dict[str, Any], where: str, refusals: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ``model:`` settings a Llama-style decoder's ``config.json`` shares (all but the MLP's), or one
+    error naming each of its settings kiln's GPT cannot express (``refusals``: the caller's own)."""
+    refusals = list(refusals)
     if config.get("rope_scaling"):
         refusals.append(f"rope_scaling {config['rope_scaling']} (kiln's RoPE has no scaling; long-context "
                         f"variants such as Llama 3.1's do not import)")
@@ -281,7 +325,6 @@ def model_section_from_hf(config: dict[str, Any], where: str) -> dict[str, Any]:
         "hidden_size": hidden,
         "num_attention_heads": heads,
         "num_query_groups": config.get("num_key_value_heads") or heads,
-        "ffn_hidden_size": config["intermediate_size"],
         "vocab_size": config["vocab_size"],
         "rope_theta": theta,
         "norm_eps": config.get("rms_norm_eps", 1e-6),

@@ -8,6 +8,8 @@ megatron-core's ``sharded_state_dict()`` says which slice of which global tensor
 (``ShardedTensor.global_slice()``, the same description a checkpoint load uses, SwiGLU's
 two-piece fc1 included); the rank builds the full global tensor of one layer from the HF
 tensors (kiln.hf.llama), slices its part and loads it, as ``dist_checkpointing.load`` would.
+An MoE layer's experts are one such entry each, the expert's global index its second axis
+(after the layer's): under expert parallelism a rank reads only the experts it holds.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class HFWeights:
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
-            raise KilnConfigError(f"{self.directory} has no tensor {name}; is it a Llama model?")
+            raise KilnConfigError(f"{self.directory} has no tensor {name}; is it a Llama or Mixtral model?")
         return self._files[self.weight_map[name]].get_tensor(name)
 
 
@@ -71,9 +73,10 @@ def fill_model_parts(model_parts: list[torch.nn.Module], weights: HFWeights, sha
 
     last: dict[str, Any] = {}  # the newest full tensor: SwiGLU's two pieces and TP ranks' parts share it
 
-    def full_tensor(name: str, layer: int | None) -> torch.Tensor:
-        if last.get("key") != (name, layer):
-            last.update(key=(name, layer), value=llama.kiln_tensor_from_hf(name, layer, weights.read, shape, padded_vocab))
+    def full_tensor(name: str, index: tuple[int, ...]) -> torch.Tensor:
+        if last.get("key") != (name, index):
+            last.update(key=(name, index),
+                        value=llama.kiln_tensor_from_hf(name, index, weights.read, shape, padded_vocab))
         return last["value"]
 
     def fill(entry) -> torch.Tensor | None:
@@ -83,9 +86,9 @@ def fill_model_parts(model_parts: list[torch.nn.Module], weights: HFWeights, sha
         if entry.flattened_range is not None:
             raise AssertionError("a model's sharded state dict has no flattened (optimizer) ranges")
         where = entry.global_slice()
-        layered = entry.key.startswith(llama.LAYERS) and entry.prepend_axis_num == 1
-        full = full_tensor(entry.key, where[0] if layered else None)
-        local = full[where[1:] if layered else where]
+        # The axes megatron-core prepends to a layer weight: the layer's, then for an expert its global index.
+        stacked = entry.prepend_axis_num if entry.key.startswith(llama.LAYERS) else 0
+        local = full_tensor(entry.key, tuple(where[:stacked]))[where[stacked:]]
         if tuple(local.shape) != tuple(entry.local_shape):
             raise KilnConfigError(f"{entry.key}: the HF model gives shape {tuple(local.shape)} where kiln's model "
                                   f"has {tuple(entry.local_shape)}; the model settings do not match config.json")
