@@ -74,6 +74,12 @@ def select_layer_spec(device_type: str, attention_backend: str, fp8: Fp8Config |
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(attention_backend)
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if num_experts:
+        # TE fuses the pre-MLP norm into a dense layer's fc1 only; an MoE layer keeps it apart
+        # (pre_mlp_layernorm.weight), and so must the local spec's checkpoint keys.
+        spec.submodules.sharded_state_dict_keys_map = {
+            key: value for key, value in spec.submodules.sharded_state_dict_keys_map.items()
+            if key != "pre_mlp_layernorm."}
     if fp8 is not None and fp8.backend == "torchao":
         from kiln.kernels.float8_linear import use_float8_linears
 
