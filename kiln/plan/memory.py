@@ -94,6 +94,20 @@ def _uses_te(device_type: str) -> bool:
     return device_type == "cuda"
 
 
+# Dropless routing under expert parallelism: the busiest rank's token copies over the mean. Routing
+# is far from balanced at initialisation (load max/mean 2-4 per expert); bench/memory.py's mid-size
+# MoE case (EP=2) peaks at 2.1x the balanced count.
+DROPLESS_EP_PEAK_LOAD = 2.0
+
+
+def busiest_expert_rank_load(moe, layout: ParallelLayout) -> float:
+    """The token copies the busiest expert-parallel rank computes, over the balanced count: at most the
+    capacity factor when tokens are dropped past it; without EP every rank computes its own tokens'."""
+    if layout.ep == 1:
+        return 1.0
+    return moe.capacity_factor if moe.capacity_factor is not None else DROPLESS_EP_PEAK_LOAD
+
+
 def layer_activation_bytes(config: RunConfig, layout: ParallelLayout, device_type: str) -> float:
     """Bytes autograd keeps for one transformer layer and one micro-batch on one rank."""
     m, p, train = config.model, config.parallel, config.train
@@ -120,10 +134,16 @@ def layer_activation_bytes(config: RunConfig, layout: ParallelLayout, device_typ
         # own 1/tp of the tokens (sequence parallel; the division by t below), and the dispatcher
         # gathers the copies over expert_tp, each rank computing 1/expert_tp of every expert's width:
         # per routed token, top_k × expert_tp copies of (hidden inputs + f_e / expert_tp wide internals).
+        # Measured on the local spec (autograd's saved tensors): per copy the permuted input and
+        # six expert-wide tensors (fc1's output, silu(gate), and the product kept both as the
+        # multiplication's operand and as fc2's input); the unfused dense SwiGLU keeps five.
         f_e, moe = m.expert_ffn_size, m.moe
-        per_expert = 2 * f_e + f_e if _uses_te(device_type) else 2 * f_e + 3 * f_e
+        per_expert = 2 * f_e + f_e if _uses_te(device_type) else 2 * f_e + 4 * f_e
         shared = mlp * moe.shared_experts * f_e / f
-        mlp = max(mlp, moe.top_k * (per_expert + 2 * h * layout.expert_tp) + shared + moe.num_experts * 4 / dtype)
+        routed = moe.top_k * (per_expert + h * layout.expert_tp) * busiest_expert_rank_load(m.moe, layout) \
+            + shared + moe.num_experts * 4 / dtype
+        has_dense_layers = len(moe.moe_layers(m.num_layers)) < m.num_layers
+        mlp = max(mlp, routed) if has_dense_layers else routed
     # q and k after RoPE, the fused QKV output (v is a view of it), and the attention output (also
     # the output projection's input); the log-sum-exp is fp32, one per head.
     attention = 3 * a * d + 3 * g * d
