@@ -82,12 +82,11 @@ def _saved_activation_bytes(rank: int, shapes: list[list[str]]) -> list[tuple[fl
         ids = torch.randint(0, 512, (b, s))
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
             model(ids, torch.arange(s).expand(b, s), labels=ids)
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
         from kiln.parallel.backend import destroy_parallel
+        from kiln.parallel.megatron_compat import forget_moe_tracked_values
 
         destroy_parallel()
-        get_moe_layer_wise_logging_tracker().clear()  # sized for this model's layers (MoE shapes)
+        forget_moe_tracked_values()  # sized for this model's layers (MoE shapes)
         return sum(storages.values()), config
 
     counts = []

@@ -14,6 +14,7 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.parallel import collectives
+from kiln.parallel.megatron_compat import moe_tracked_values, zero_moe_tracked_values
 
 
 def moe_transformer_settings(model: ModelConfig, layout, *, grouped_gemm: bool) -> dict[str, Any]:
@@ -88,11 +89,9 @@ class RoutingRecorder:
         self.asked[layer] += routing_map.shape[0] * self.moe.top_k
 
     def start_step(self) -> None:
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-
         self.routed.zero_()
         self.asked.zero_()
-        clear_aux_losses_tracker()
+        zero_moe_tracked_values()
 
     def metrics(self) -> dict[str, float]:
         """The last step's routing metrics (collective: every rank calls it)."""
@@ -116,13 +115,11 @@ class RoutingRecorder:
 
 
 def _tracked_losses() -> dict[str, torch.Tensor]:
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
     losses: dict[str, torch.Tensor] = {}
-    for name, entry in get_moe_layer_wise_logging_tracker().items():
+    for name, values in moe_tracked_values().items():
         metric = _TRACKED_LOSSES.get(name)
         if metric is not None:
-            losses[metric] = losses[metric] + entry["values"] if metric in losses else entry["values"].clone()
+            losses[metric] = losses[metric] + values if metric in losses else values.clone()
     return losses
 
 

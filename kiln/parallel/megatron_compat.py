@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import functools
 from importlib.metadata import version
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @functools.cache
@@ -57,3 +61,35 @@ def allow_moe_without_transformer_engine() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def moe_tracked_values() -> dict[str, "torch.Tensor"]:
+    """megatron-core's per-layer MoE router metrics (aux losses, z-loss) since they were last zeroed:
+    name → values [num_layers]. 0.16 keeps them in a dict (``get_moe_layer_wise_logging_tracker``),
+    0.19 in a ``MoEMetricsTracker`` (the dict accessor is deprecated there)."""
+    if megatron_core_version() < (0, 19):
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        return {name: entry["values"] for name, entry in get_moe_layer_wise_logging_tracker().items()}
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    return {name: entry.values for name, entry in get_moe_metrics_tracker().metrics.items()}
+
+
+def zero_moe_tracked_values() -> None:
+    """Start the next step's router metrics from zero."""
+    for values in moe_tracked_values().values():
+        values.zero_()
+
+
+def forget_moe_tracked_values() -> None:
+    """Drop the router metrics altogether (they are sized for one model's layers): for a process that
+    builds another model."""
+    if megatron_core_version() < (0, 19):
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+        return
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    destroy_moe_metrics_tracker()
