@@ -75,7 +75,9 @@ def test_reshard_to_one_process(references, saved_with, tmp_path, cache):
     _assert_close(got, references["single"][1], got)
 
 
-@pytest.mark.parametrize("resume_with", ["tp2", pytest.param("pp2", marks=pytest.mark.extended),
+# Resharding onto one process (above) is in `make test`; from one process, all of it is extended.
+@pytest.mark.parametrize("resume_with", [pytest.param("tp2", marks=pytest.mark.extended),
+                                         pytest.param("pp2", marks=pytest.mark.extended),
                                          pytest.param("dp2", marks=pytest.mark.extended)])
 def test_reshard_from_one_process(references, resume_with, tmp_path, cache):
     source = references["single"][0] / "checkpoints"  # a checkpoint root: its latest good step

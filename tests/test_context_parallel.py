@@ -76,6 +76,7 @@ def test_context_parallel_with_pipeline(baseline, tmp_path, cache_dir):
     assert_same_losses(baseline("documents"), metrics, last_step=STEPS, rel_tol=REL_TOL)
 
 
+@pytest.mark.extended  # CP parity is in `make test`; resharding CP away here
 def test_cp2_checkpoint_resumes_with_cp1(baseline, tmp_path, cache_dir):
     run_dir = tmp_path / "cp2"
     train(run_dir, 2, *COMMON, "checkpoint.every=3", "parallel.cp=2", *MASKING["documents"], cache_dir=cache_dir)

@@ -120,6 +120,7 @@ def test_zero_dp2_matches_megatron_single_process(stage, runs, megatron_baseline
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # 4 processes; ZeRO-1 and ZeRO-3 at DP=2 are in `make test`
 def test_zero3_tp2_dp2_matches_megatron_single_process(runs, megatron_baseline) -> None:
     _, metrics = runs(3, 4, 2)
     assert_same_losses(megatron_baseline, metrics)

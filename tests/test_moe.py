@@ -111,7 +111,7 @@ def test_without_balancing_the_load_stays_uneven(load_cv):
     assert min(load_cv["none"][2:]) > 1.0, load_cv["none"]
 
 
-@pytest.mark.parametrize("balancer", ["aux loss", "expert bias"])
+@pytest.mark.parametrize("balancer", ["aux loss", pytest.param("expert bias", marks=pytest.mark.extended)])
 def test_balancing_evens_the_load_during_training(load_cv, balancer):
     cv, unbalanced = load_cv[balancer], load_cv["none"]
     assert cv[-1] < 0.6 * max(cv), f"{balancer}: the CV does not fall during training: {cv}"

@@ -81,9 +81,9 @@ def test_baseline_learns(baseline):
         pytest.param("pp2-tied-embeddings", "tied embeddings", ("parallel.pp=2",), marks=pytest.mark.extended),
         # kiln's chunked cross-entropy (100 tokens a chunk: 512 tokens are 5 full chunks and a
         # short one) under TP and SP against megatron-core's plain loss in one process.
-        ("tp2-sp-chunked-cross-entropy", "plain cross-entropy",
-         ("parallel.tp=2", "parallel.sequence_parallel=true", "kernels.cross_entropy=chunked",
-          "kernels.cross_entropy_chunk=100")),
+        pytest.param("tp2-sp-chunked-cross-entropy", "plain cross-entropy",
+                     ("parallel.tp=2", "parallel.sequence_parallel=true", "kernels.cross_entropy=chunked",
+                      "kernels.cross_entropy_chunk=100"), marks=pytest.mark.extended),
     ],
 )
 def test_two_process_layout_matches_single_process(name, model, layout, baseline, tmp_path, cache_dir):
