@@ -94,19 +94,29 @@ class RoutingRecorder:
         zero_moe_tracked_values()
 
     def metrics(self) -> dict[str, float]:
-        """The last step's routing metrics (collective: every rank calls it)."""
-        losses = {}
-        for tracked, values in _tracked_losses().items():
-            # Mean over the ranks holding each layer of the per-micro-batch value.
-            sums = collectives.reduce_floats([*(values.double().cpu() / self.num_microbatches).tolist(),
-                                              *self.held.tolist()])
-            per_layer = [total / holders for total, holders in zip(sums[:self.num_layers], sums[self.num_layers:])
-                         if holders]
-            losses[tracked] = sum(per_layer) / len(per_layer) if per_layer else 0.0
-        reduced = collectives.reduce_floats([*self.routed.flatten().tolist(), *self.asked.tolist()])
-        routed = torch.tensor(reduced[:self.routed.numel()], dtype=torch.float64).view_as(self.routed)
-        asked = torch.tensor(reduced[self.routed.numel():], dtype=torch.float64)
-        return {**losses, **expert_load_metrics(routed, asked, self.moe.moe_layers(self.num_layers))}
+        """The last step's routing metrics (collective: every rank calls it, with the same sizes
+        whichever layers, and so which tracked losses, it holds)."""
+        names = self.reported_losses()
+        tracked = _tracked_losses()
+        zeros = torch.zeros(self.num_layers, dtype=torch.float64)
+        losses = [(tracked[name].double().cpu() if name in tracked else zeros) / self.num_microbatches
+                  for name in names]
+        reduced = torch.tensor(collectives.reduce_floats(torch.cat(
+            [*losses, self.held, self.routed.flatten().cpu(), self.asked.cpu()]).tolist()), dtype=torch.float64)
+        loss_sums, held, routed, asked = reduced.split(
+            [len(names) * self.num_layers, self.num_layers, self.routed.numel(), self.num_layers])
+        metrics = {}
+        for name, sums in zip(names, loss_sums.view(len(names), self.num_layers)):
+            per_layer = sums[held > 0] / held[held > 0]  # the mean over the ranks holding each layer
+            metrics[name] = float(per_layer.mean())
+        return {**metrics, **expert_load_metrics(routed.view_as(self.routed), asked,
+                                                 self.moe.moe_layers(self.num_layers))}
+
+    def reported_losses(self) -> list[str]:
+        """The router losses the config turns on (the same on every rank)."""
+        moe = self.moe
+        aux = moe.load_balancing != "none" and moe.aux_loss_coeff > 0
+        return [name for name, on in (("moe_aux_loss", aux), ("moe_z_loss", moe.z_loss_coeff > 0)) if on]
 
     def close(self) -> None:
         for handle in self.handles:
