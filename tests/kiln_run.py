@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
+TINY_MOE = str(REPO / "configs" / "tiny-moe.yaml")
 # Parity runs: fp32, a loss logged every step, and a global batch of 8 = micro-batch 4 × 2
 # micro-batches on one rank, or 4 × 1 on each of 2 DP ranks.
 PARITY_SETTINGS = (
