@@ -63,6 +63,7 @@ def test_tiny_trains_and_the_loss_falls(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # bf16 matmuls are slow on CPU; fp32 runs are in `make test`
 def test_bf16_run(tmp_path):
     metrics = train(tmp_path / "run", 1, "train.precision=bf16", "train.max_steps=3", "train.log_every=1",
                     "logging.wandb=disabled", "train.global_batch_size=4", cache_dir=tmp_path / "cache")

@@ -166,7 +166,7 @@ def test_compiled_run_has_the_eager_losses(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("saved,resumed", [("compiled", "eager"), ("eager", "compiled")])
+@pytest.mark.parametrize("saved,resumed", [("compiled", "eager"), pytest.param("eager", "compiled", marks=pytest.mark.extended)])
 def test_a_checkpoint_continues_with_and_without_compile(runs, tmp_path, cache_dir, saved, resumed):
     saved_dir, _ = runs[saved]
     _, reference = runs["eager"]

@@ -56,7 +56,7 @@ CP2_DP2 = (4, ("parallel.cp=2", "optim.distributed_optimizer=true"))
 @pytest.mark.parametrize("name,nproc,layout,masking", [
     pytest.param("cp2", *CP2, "causal", marks=pytest.mark.extended),
     pytest.param("cp2", *CP2, "documents"),
-    pytest.param("cp2-tp2-sequence-parallel", *CP2_TP2, "documents"),
+    pytest.param("cp2-tp2-sequence-parallel", *CP2_TP2, "documents", marks=pytest.mark.extended),
     pytest.param("cp2-dp2", *CP2_DP2, "documents", marks=pytest.mark.extended),
     # The layouts without masks: `make test-extended` (CI runs both tiers); causal ring attention
     # itself is checked against the reference in tests/test_attention.py.

@@ -149,7 +149,7 @@ def test_zero_shards_state_over_data_parallel_ranks(stage, runs) -> None:
 
 # -- checkpoints at another DP size --------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("saved_nproc,resumed_nproc", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("saved_nproc,resumed_nproc", [(2, 1), pytest.param(1, 2, marks=pytest.mark.extended)])
 def test_zero3_checkpoint_resumes_at_another_dp_size(saved_nproc, resumed_nproc, runs, megatron_baseline, tmp_path,
                                                      cache_dir) -> None:
     saved_dir, _ = runs(3, saved_nproc)

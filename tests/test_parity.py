@@ -69,9 +69,10 @@ def test_baseline_learns(baseline):
         pytest.param("tp2-sequence-parallel-full-recompute", "2 layers",
                      ("parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=full"),
                      marks=pytest.mark.extended),
-        ("dp2-selective-recompute", "2 layers", ("train.recompute=selective",)),
+        pytest.param("dp2-selective-recompute", "2 layers", ("train.recompute=selective",), marks=pytest.mark.extended),
         # Recomputation is megatron-core's, inside the model: the other engines get it too.
-        ("fsdp-full-recompute", "2 layers", ("parallel.engine=fsdp", "train.recompute=full")),
+        pytest.param("fsdp-full-recompute", "2 layers", ("parallel.engine=fsdp", "train.recompute=full"),
+                     marks=pytest.mark.extended),
         ("pp2", "2 layers", ("parallel.pp=2",)),
         ("dp2", "2 layers", ()),
         ("dp2-distributed-optimizer", "2 layers", ("optim.distributed_optimizer=true",)),

@@ -147,6 +147,7 @@ TRAIN = ("train.max_steps=3", "train.log_every=1", "logging.wandb=disabled", "ch
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a whole training run under a pseudo-terminal; the line's rendering is tested above
 def test_kiln_train_draws_rank_0s_live_line_on_a_terminal_and_none_on_a_pipe(tmp_path):
     code, output = on_a_terminal("train", TINY, "--nproc-per-node", "2", f"train.run_dir={tmp_path / 'tty'}", *TRAIN)
     assert code == 0, output[-3000:]
