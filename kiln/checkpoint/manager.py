@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -273,7 +274,15 @@ class CheckpointManager:
 
         if filesystem_async._results_queue is None:
             server = SyncManager(ctx=mp.get_context("spawn"))
-            server.start(initializer=quiet_helper_process)
+            # A stop signal sent to the whole process group while the spawned server is still starting
+            # (before its initializer ignores it) would kill it: the signal save itself starts it. The
+            # child inherits these signals blocked and never unblocks them; here they arrive after.
+            stop_signals = {signal.SIGTERM, signal.SIGUSR1}
+            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+            try:
+                server.start(initializer=quiet_helper_process)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             self._results_server = server
             filesystem_async._results_queue = server.Queue()
 
