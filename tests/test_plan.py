@@ -103,8 +103,9 @@ def test_activation_count_is_what_autograd_keeps():
               [*moe, "model.hidden_size=128"], [*moe, "model.moe.top_k=1", "model.moe.num_experts=4"]]
     for shape, (measured, predicted) in zip(shapes, run_distributed(_saved_activation_bytes, 1, shapes)[0]):
         # RoPE's cos/sin tables (a few KiB per layer) are the only dense tensors the count leaves out;
-        # an MoE layer's routing bookkeeping (indices, probabilities per token) a little more.
-        assert predicted == pytest.approx(measured, rel=0.03 if shape[:1] == moe[:1] else 0.02), shape
+        # an MoE layer's routing bookkeeping (indices, probabilities per token) a little more: 1-2.5%
+        # on megatron-core 0.16, 3% with top-1 routing on 0.19.
+        assert predicted == pytest.approx(measured, rel=0.05 if shape[:1] == moe[:1] else 0.02), shape
 
 
 def test_pipeline_first_stage_holds_the_most_activations():
