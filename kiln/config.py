@@ -96,6 +96,11 @@ class MoeConfig:
     def enabled(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def uses_aux_loss(self) -> bool:
+        """Whether a load-balancing loss is trained (a type other than none, with a positive weight)."""
+        return self.load_balancing != "none" and self.aux_loss_coeff > 0
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether the global layer ``layer`` (0-based) is an MoE layer."""
         return self.enabled and layer % self.layer_freq == 0

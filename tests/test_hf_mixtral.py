@@ -158,13 +158,13 @@ def hf_dir(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, cache) -> tuple[Path, float]:
     """(run directory, its val_loss at the last step): configs/tiny-moe.yaml, EP=2 over 2 processes."""
     from kiln.data.bundled import ensure_bundled_dataset
-    from tests.kiln_run import REPO, train
+    from tests.kiln_run import TINY_MOE, train
 
     val = ensure_bundled_dataset(128, str(cache / "datasets"))  # the training data's cache entry, shared
     run_dir = tmp_path_factory.mktemp("run") / "tiny-moe"
     metrics = train(run_dir, 2, "train.max_steps=3", "checkpoint.every=3", "logging.wandb=disabled",
                     f"data.val.path={val}", "data.val.batches=2", cache_dir=cache,
-                    config=str(REPO / "configs" / "tiny-moe.yaml"))
+                    config=TINY_MOE)
     (last,) = [m for m in metrics if "val_loss" in m]
     return run_dir, last["val_loss"]
 

@@ -25,7 +25,7 @@ def moe_transformer_settings(model: ModelConfig, layout, *, grouped_gemm: bool) 
     from kiln.parallel.megatron_compat import allow_moe_without_transformer_engine
 
     allow_moe_without_transformer_engine()
-    balancing = moe.load_balancing if moe.aux_loss_coeff > 0 else "none"
+    balancing = moe.load_balancing if moe.uses_aux_loss else "none"
     return dict(
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.top_k,
@@ -115,8 +115,7 @@ class RoutingRecorder:
     def reported_losses(self) -> list[str]:
         """The router losses the config turns on (the same on every rank)."""
         moe = self.moe
-        aux = moe.load_balancing != "none" and moe.aux_loss_coeff > 0
-        return [name for name, on in (("moe_aux_loss", aux), ("moe_z_loss", moe.z_loss_coeff > 0)) if on]
+        return [name for name, on in (("moe_aux_loss", moe.uses_aux_loss), ("moe_z_loss", moe.z_loss_coeff > 0)) if on]
 
     def close(self) -> None:
         for handle in self.handles:
